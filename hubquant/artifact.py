@@ -1,0 +1,254 @@
+"""Artifacts: output folders that appear atomically, each with a ``manifest.json``.
+
+An artifact is complete or absent: it is built in a temporary folder beside its target and
+renamed into place at the end, so a crash or a failed variant never leaves a half-written folder
+under the final name. The manifest lists every file with its size and sha256, the variant spec,
+the tool versions and the source revision; its ``cache_key`` lets a re-run reuse the artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hubquant.errors import ArtifactError, OutputError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_TMP_MARK = ".hubquant-tmp-"
+
+
+def _os_error_to_output_error(exc: OSError, path: Path) -> OutputError:
+    reason = exc.strerror or str(exc)
+    return OutputError(
+        f"cannot write output at {path}: {reason}",
+        path=path,
+        hint="choose an output folder you can write to (--output DIR), with enough free space",
+    )
+
+
+def prepare_output_root(path: Path) -> bool:
+    """Make sure ``path`` is a writable folder; return True when this call created it.
+
+    Raises:
+        OutputError: the path is a file, or cannot be created or written.
+    """
+    if path.exists() and not path.is_dir():
+        raise OutputError(
+            f"output path {path} is a file, not a folder",
+            path=path,
+            hint="pass a folder path to --output (it is created when missing)",
+        )
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f"{_TMP_MARK}probe-{uuid.uuid4().hex[:8]}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise _os_error_to_output_error(exc, path) from None
+    return created
+
+
+def new_staging_folder(target: Path) -> Path:
+    """Create and return an empty temporary folder beside ``target`` (same filesystem, so renames are atomic).
+
+    Raises:
+        OutputError: the parent folder cannot be written.
+    """
+    tmp = target.parent / f"{_TMP_MARK}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise _os_error_to_output_error(exc, target.parent) from None
+    return tmp
+
+
+def commit_staging_folder(tmp: Path, target: Path) -> None:
+    """Rename a complete staging folder to ``target``, swapping out an older ``target`` only at the end."""
+    if target.exists():
+        old = target.parent / f"{_TMP_MARK}old-{target.name}-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
+def discard_staging_folder(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; rename it to ``target`` on success.
+
+    On any exception the temporary folder is removed and ``target`` is left as it was. With
+    ``replace`` an existing ``target`` is swapped out only after the new one is complete.
+
+    Raises:
+        FileExistsError: ``target`` exists and ``replace`` is false.
+        OutputError: the parent folder cannot be written.
+    """
+    target = Path(target)
+    if target.exists() and not replace:
+        raise FileExistsError(f"{target} already exists")
+    tmp = new_staging_folder(target)
+    try:
+        yield tmp
+        commit_staging_folder(tmp, target)
+    except BaseException:
+        discard_staging_folder(tmp)
+        raise
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporary folders a killed run left behind in ``folder`` (never finished artifacts)."""
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.name.startswith(_TMP_MARK):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def sha256_file(path: Path, *, chunk: int = 8 << 20) -> str:
+    """The sha256 of a file, read in chunks (artifacts can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(*, source_fingerprint: str, spec: dict[str, Any], tools: dict[str, str]) -> str:
+    """The identity of an artifact's inputs: same key ⇒ the same bytes would be rebuilt."""
+    payload = json.dumps({"source": source_fingerprint, "spec": spec, "tools": tools}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class Artifact:
+    """A finished variant on disk: its folder and what its manifest says."""
+
+    path: Path
+    manifest: dict[str, Any]
+    reused: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def format(self) -> str:
+        return self.manifest["variant"]["format"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["variant"]["precision"]
+
+    @property
+    def files(self) -> list[dict[str, Any]]:
+        return self.manifest["files"]
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the model files (the manifest itself excluded)."""
+        return sum(f["size"] for f in self.files)
+
+    def main_file(self) -> dict[str, Any]:
+        """The largest file: the weights a user downloads."""
+        return max(self.files, key=lambda f: f["size"])
+
+    def summary(self) -> dict[str, Any]:
+        """What ``--json`` prints for this artifact."""
+        main = self.main_file()
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "precision": self.precision,
+            "options": self.manifest["variant"]["options"],
+            "size": self.size_bytes,
+            "file": main["path"],
+            "sha256": main["sha256"],
+            "reused": self.reused,
+            "warnings": self.warnings or self.manifest.get("warnings", []),
+        }
+
+
+def write_manifest(folder: Path, *, variant: dict[str, Any], source: dict[str, Any], tools: dict[str, str],
+                   key: str, export_seconds: float, shared_seconds: float, warnings: list[str]) -> dict[str, Any]:
+    """Hash every file in ``folder`` and write ``manifest.json``; return the manifest.
+
+    ``export_seconds`` is the variant's own step; ``shared_seconds`` the intermediates it needed
+    (built once per run and shared with the other variants of its format).
+    """
+    from hubquant import __version__
+
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files.append({"path": path.relative_to(folder).as_posix(), "size": path.stat().st_size,
+                      "sha256": sha256_file(path)})
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "hubquant_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "variant": variant,
+        "source": source,
+        "tools": tools,
+        "cache_key": key,
+        "export_seconds": round(export_seconds, 3),
+        "shared_seconds": round(shared_seconds, 3),
+        "warnings": warnings,
+        "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Read an artifact folder and its manifest.
+
+    Raises:
+        ArtifactError: no folder, no manifest, or an unreadable one.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise ArtifactError(f"artifact folder not found: {path}", path=path,
+                            hint="pass a folder written by 'hubquant quantize'")
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} has no {MANIFEST}", path=path,
+                            hint="pass a folder written by 'hubquant quantize' (it writes the manifest last)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest["variant"]["format"], manifest["files"]  # noqa: B018 - shape check
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{manifest_path} is not a hubquant manifest ({exc})", path=path,
+                            hint="rebuild the artifact with 'hubquant quantize --force'") from None
+    return Artifact(path=path, manifest=manifest)
+
+
+def reusable_artifact(path: Path, key: str) -> Artifact | None:
+    """The artifact at ``path`` when it exists, is intact and was built from the same inputs."""
+    try:
+        artifact = load_artifact(path)
+    except ArtifactError:
+        return None
+    if artifact.manifest.get("cache_key") != key:
+        return None
+    for entry in artifact.files:
+        file = path / entry["path"]
+        if not file.is_file() or file.stat().st_size != entry["size"]:
+            return None
+    artifact.reused = True
+    return artifact

@@ -1,0 +1,225 @@
+"""The ``hubquant`` command. Each command maps its options onto one library call and prints.
+
+Errors are turned into one line and exit code 1 in one place (:func:`main`); set
+``HUBQUANT_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hubquant import __version__
+from hubquant.errors import HubquantError, RecipeError, redact
+
+log = logging.getLogger("hubquant")
+
+
+def _debug() -> bool:
+    return os.environ.get("HUBQUANT_DEBUG", "") not in ("", "0", "false", "False")
+
+
+class _Progress:
+    """Prints one line per step to stderr with the elapsed time (stdout stays clean for --json)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.started = time.perf_counter()
+        self.quiet = quiet
+
+    def __call__(self, line: str) -> None:
+        if not self.quiet:
+            click.echo(f"[{time.perf_counter() - self.started:6.1f}s] {line}", err=True)
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--option {pair!r} is not KEY=VALUE", key="option", hint="write --option imatrix=true")
+        try:
+            options[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            options[key.strip()] = value
+    return options
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1000
+    return f"{size} B"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="hubquant")
+@click.option("-v", "--verbose", is_flag=True, help="Log every step (HUBQUANT_DEBUG=1 adds tracebacks and tool logs).")
+def cli(verbose: bool) -> None:
+    """Quantize Microsoft Phi checkpoints to GGUF, ONNX, OpenVINO and MLX; measure and publish them."""
+    level = logging.DEBUG if _debug() else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="hubquant: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    if not _debug():
+        for noisy in ("llama_cpp", "hf-to-gguf", "gguf", "transformers", "httpx", "urllib3", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the formats as JSON.")
+def formats(as_json: bool) -> None:
+    """List every format with its precisions, options and defaults."""
+    from hubquant.exporters import registered_exporters
+
+    described = [cls.describe() for cls in registered_exporters().values()]
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    for entry in described:
+        click.echo(f"{entry['format']}: {entry['description']}  (pip install \"hubquant[{entry['extra']}]\")")
+        generic = ", ".join(f"{k}→{v}" for k, v in entry["generic_precisions"].items())
+        click.echo(f"  generic precisions: {generic}")
+        click.echo("  precisions:")
+        for name, text in entry["precisions"].items():
+            click.echo(f"    {name:<8} {text}")
+        click.echo("  options (--option KEY=VALUE):")
+        for option in entry["options"]:
+            click.echo(f"    {option['name']:<17} default {option['default']!r:<6} {option['help']}")
+
+
+def _print_results(result: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([a.summary() for a in result.artifacts], indent=2))
+    else:
+        for variant in result.variants:
+            artifact = variant.artifact
+            if artifact is None:
+                continue
+            note = " (reused)" if artifact.reused else ""
+            click.echo(f"{artifact.format:<5} {artifact.precision:<8} {_human_size(artifact.size_bytes):>9}  "
+                       f"{artifact.path}{note}")
+    for variant in result.variants:
+        for warning in (variant.artifact.warnings if variant.artifact else []):
+            click.echo(f"hubquant: warning: {warning}", err=True)
+    for failure in result.failures:
+        error = failure.error
+        hint = f" ({error.hint})" if error.hint else ""
+        click.echo(f"hubquant: error: {failure.spec.label}: {error.message}{hint}", err=True)
+
+
+@cli.command()
+@click.argument("source", required=False)
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), help="Build the variants of a YAML recipe.")
+@click.option("--format", "fmt", default="gguf", show_default=True, help="Output format (see 'hubquant formats').")
+@click.option("--precision", "precisions", multiple=True,
+              help="int4/int8/fp16/fp32 or a native name (Q4_K_M, IQ4_XS …); repeat for several.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="A format option; repeatable.")
+@click.option("--revision", help="Hub branch, tag or commit of SOURCE.")
+@click.option("--output", type=click.Path(file_okay=True), default="hubquant-out", show_default=True,
+              help="Folder that receives one sub-folder per variant.")
+@click.option("--force", is_flag=True, help="Rebuild variants even when their inputs are unchanged.")
+@click.option("--json", "as_json", is_flag=True, help="Print the artifacts as JSON (path, format, precision, size, sha256).")
+def quantize(source: str | None, recipe_file: str | None, fmt: str, precisions: tuple[str, ...],
+             options: tuple[str, ...], revision: str | None, output: str, force: bool, as_json: bool) -> None:
+    """Quantize SOURCE (a local folder or a Hub id) into one or more variants.
+
+    \b
+    Examples:
+      hubquant quantize ./Phi-3.5-mini-instruct --precision Q4_K_M --precision Q8_0
+      hubquant quantize ./phi-4 --precision IQ4_XS --option imatrix=true
+      hubquant quantize --recipe phi35.yaml
+    """
+    from hubquant.pipeline import quantize as run_quantize
+    from hubquant.recipe import build_recipe, load_recipe
+
+    if recipe_file:
+        if source or precisions or options:
+            raise RecipeError("--recipe cannot be combined with SOURCE, --precision or --option",
+                              hint="put everything in the recipe, or use the flags without --recipe")
+        recipe = load_recipe(recipe_file)
+    else:
+        if not source:
+            raise RecipeError("no SOURCE given", hint="pass a model folder or Hub id, or --recipe FILE")
+        data = {
+            "source": source, "revision": revision, "output": output,
+            "variants": [{"format": fmt, "precision": p, "options": _parse_options(options)}
+                         for p in (precisions or ("int4",))],
+        }
+        recipe = build_recipe(data, origin="command line")
+    result = run_quantize(recipe, force=force, progress=_Progress())
+    _print_results(result, as_json)
+    if result.failures:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--style", type=click.Choice(["phi3", "phi4"]), default="phi3", show_default=True,
+              help="phi3: SentencePiece tokenizer; phi4: byte-level BPE.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the tokenizer, weights and training batches.")
+@click.option("--steps", default=300, show_default=True, help="Training steps (0 keeps random weights).")
+def tiny(output: str, style: str, seed: int, steps: int) -> None:
+    """Build a tiny trained Phi checkpoint in OUTPUT (for trying hubquant without a download)."""
+    from hubquant.errors import OutputError
+    from hubquant.tiny import build_tiny_phi
+
+    if Path(output).exists():
+        raise OutputError(f"{output} already exists", path=output, hint="choose a new folder; hubquant never overwrites it")
+    click.echo(str(build_tiny_phi(output, style=style, seed=seed, steps=steps)))  # type: ignore[arg-type]
+
+
+@cli.command()
+@click.option("--output", type=click.Path(file_okay=True), default="hubquant-demo", show_default=True,
+              help="Folder for the demo's variants.")
+def demo(output: str) -> None:
+    """Run the main job on the embedded default: a tiny Phi-3-style model to GGUF F16, Q8_0 and Q4_K_M.
+
+    The tiny model is built once (about a minute) and cached; re-running reuses everything.
+    """
+    from hubquant.demo import run_demo
+
+    progress = _Progress()
+    table = run_demo(Path(output), progress=progress)
+    click.echo(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and turn every expected error into one line and exit code 1."""
+    try:
+        cli.main(args=argv, prog_name="hubquant", standalone_mode=False)
+    except HubquantError as exc:
+        if _debug():
+            raise
+        hint = f" — {exc.hint}" if exc.hint else ""
+        click.echo(f"hubquant: error: {exc.message}{hint}", err=True)
+        raise SystemExit(1) from None
+    except click.exceptions.Abort:
+        click.echo("hubquant: interrupted", err=True)
+        raise SystemExit(130) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        click.echo("hubquant: interrupted", err=True)
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - last resort: a bug, shown without a wall of traceback
+        if _debug():
+            raise
+        click.echo(f"hubquant: internal error: {type(exc).__name__}: {redact(str(exc))} "
+                   "— rerun with HUBQUANT_DEBUG=1 for the traceback and please report it", err=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,155 @@
+"""What to build: ``VariantSpec`` (one format + precision + options) and ``Recipe`` (a source and its variants).
+
+A recipe is a YAML file or the same object built from CLI flags. Everything is validated before
+any heavy work starts: unknown keys, a precision the format does not offer, an option the format
+does not take — each is a ``RecipeError`` that names the key and lists what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hubquant.errors import RecipeError
+
+#: The cross-format vocabulary every exporter maps onto its native precision names.
+GENERIC_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+
+
+class VariantSpec(BaseModel):
+    """One variant to build: a format, a precision (generic or the format's native name), options.
+
+    Use :meth:`resolved` to get the spec with the precision mapped to the format's native name and
+    the options validated and completed with their defaults.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str
+    precision: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def resolved(self) -> "VariantSpec":
+        """Validate against the format's exporter and return the canonical spec.
+
+        Raises:
+            RecipeError: unknown format, precision or option.
+        """
+        from hubquant.exporters import get_exporter
+
+        exporter = get_exporter(self.format)
+        precision = exporter.resolve_precision(self.precision)
+        options = exporter.validate_options(self.options, precision=precision)
+        return VariantSpec(format=exporter.name, precision=precision, options=options)
+
+    @property
+    def label(self) -> str:
+        """A short name for messages and folder names, e.g. ``gguf-Q4_K_M``."""
+        return f"{self.format}-{self.precision}"
+
+
+class Recipe(BaseModel):
+    """A source checkpoint and the variants to build from it.
+
+    ``source`` is a local folder or a Hub id; ``revision`` pins a Hub commit/branch/tag.
+    ``output`` is the folder that receives one sub-folder per variant.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    revision: str | None = None
+    output: Path = Path("hubquant-out")
+    variants: list[VariantSpec]
+
+    @field_validator("variants")
+    @classmethod
+    def _at_least_one(cls, value: list[VariantSpec]) -> list[VariantSpec]:
+        if not value:
+            raise ValueError("a recipe needs at least one variant")
+        return value
+
+    def resolved(self) -> "Recipe":
+        """Return the recipe with every variant resolved; duplicates after resolution are errors."""
+        resolved: list[VariantSpec] = []
+        seen: dict[str, int] = {}
+        for index, variant in enumerate(self.variants):
+            try:
+                spec = variant.resolved()
+            except RecipeError as exc:
+                exc.key = f"variants[{index}]" + (f".{exc.key}" if exc.key else "")
+                exc.message = f"variants[{index}] ({variant.format} {variant.precision}): {exc.message}"
+                exc.args = (exc.message,)
+                raise
+            key = spec.model_dump_json()
+            if key in seen:
+                raise RecipeError(
+                    f"variants[{index}] repeats variants[{seen[key]}] ({spec.format} {spec.precision})",
+                    key=f"variants[{index}]",
+                    hint="list each variant once",
+                )
+            seen[key] = index
+            resolved.append(spec)
+        return self.model_copy(update={"variants": resolved})
+
+
+def _pydantic_to_recipe_error(exc: ValidationError, origin: str) -> RecipeError:
+    """Turn pydantic's report into one message that names the key and what is allowed."""
+    first = exc.errors()[0]
+    loc = first["loc"]
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        model = VariantSpec if loc and loc[0] == "variants" and len(loc) > 2 else Recipe
+        return RecipeError(f"{origin}: unknown key '{key}'", key=key, allowed=list(model.model_fields))
+    if first["type"] == "missing":
+        return RecipeError(f"{origin}: missing required key '{key}'", key=key, hint=f"add '{key}' to the recipe")
+    return RecipeError(f"{origin}: invalid value for '{key}': {first['msg']}", key=key, hint="fix the value in the recipe")
+
+
+def build_recipe(data: dict[str, Any], *, origin: str = "recipe") -> Recipe:
+    """Build and fully validate a recipe from plain data (a parsed YAML file or CLI flags).
+
+    Raises:
+        RecipeError: anything invalid, with the offending key.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: expected a mapping at the top level", hint="see the README for a recipe example")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _pydantic_to_recipe_error(exc, origin) from None
+    return recipe.resolved()
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file.
+
+    Relative ``source``/``output`` paths are taken relative to the recipe file's folder when that
+    path exists there, so a recipe can travel with its model.
+
+    Raises:
+        RecipeError: the file is missing, not YAML, or invalid.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}", hint="check the path given to --recipe") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc}", hint="pass a readable YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}", hint="fix the YAML syntax") from None
+    if isinstance(data, dict):
+        base = path.resolve().parent
+        source = data.get("source")
+        if isinstance(source, str) and not Path(source).is_absolute() and (base / source).exists():
+            data["source"] = str(base / source)
+        output = data.get("output")
+        if isinstance(output, str) and not Path(output).is_absolute():
+            data["output"] = str(base / output)
+    return build_recipe(data, origin=str(path))
