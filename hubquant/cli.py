@@ -112,7 +112,7 @@ def _print_results(result: Any, as_json: bool) -> None:
             click.echo(f"hubquant: warning: {warning}", err=True)
     for failure in result.failures:
         error = failure.error
-        hint = f" ({error.hint})" if error.hint else ""
+        hint = f" — {error.hint}" if error.hint else ""
         click.echo(f"hubquant: error: {failure.spec.label}: {error.message}{hint}", err=True)
 
 

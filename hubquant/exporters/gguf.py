@@ -284,8 +284,8 @@ def convert(source: "SourceModel", output: Path, precision: str, *, pre_tokenize
             raise ExportError(
                 f"llama.cpp does not recognise the BPE pre-tokenizer of {source.name}",
                 format="gguf", precision=precision,
-                hint="name the one it matches with --option pre_tokenizer=NAME "
-                     f"(Phi-4 uses gpt-4o; known: {', '.join(known[:12])}, …)") from None
+                hint=f"name the one it matches with --option pre_tokenizer=NAME; Phi-4 uses gpt-4o "
+                     f"({len(known)} are known; 'hubquant formats' explains the option)") from None
         raise ExportError(f"llama.cpp's converter failed: {exc}", format="gguf", precision=precision) from None
     except (ValueError, KeyError, OSError) as exc:
         raise ExportError(f"llama.cpp's converter failed on {source.name}: {exc}", format="gguf",

