@@ -92,15 +92,29 @@ class TorchRunner:
         del self._model
 
 
+def log_softmax(logits: "np.ndarray") -> "np.ndarray":
+    """Log-probabilities over the vocabulary, in float64 so tiny divergences are not lost to rounding."""
+    import numpy as np
+
+    scores = logits.astype(np.float64)
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def window_nll(logits: "np.ndarray", window: Sequence[int]) -> "np.ndarray":
     """Negative log-likelihood of tokens 1…n-1 of a window given the logits of positions 0…n-2."""
     import numpy as np
 
-    scores = logits[:-1].astype(np.float64)
-    shifted = scores - scores.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(shifted).sum(axis=-1))
     targets = np.asarray(window[1:])
-    return log_norm - shifted[np.arange(len(targets)), targets]
+    return -log_softmax(logits[:-1])[np.arange(len(targets)), targets]
+
+
+def kl_divergence(reference_logits: "np.ndarray", logits: "np.ndarray") -> "np.ndarray":
+    """KL(reference ‖ variant) at every position: how far the variant's next-token distribution moved."""
+    import numpy as np
+
+    p, q = log_softmax(reference_logits), log_softmax(logits)
+    return (np.exp(p) * (p - q)).sum(axis=-1)
 
 
 def perplexity(runner: "Runner | TorchRunner", windows: list[list[int]]) -> float:

@@ -192,7 +192,7 @@ def _train_model(folder: Path, *, style: str, seed: int, steps: int, hidden: int
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-        seq, batch = 128, 16
+        seq, batch = 128, 8
         model.train()
         for step in range(steps):
             starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=generator)
