@@ -68,6 +68,9 @@ def _human_size(size: int) -> str:
 def cli(verbose: bool) -> None:
     """Quantize Microsoft Phi checkpoints to GGUF, ONNX, OpenVINO and MLX; measure and publish them."""
     level = logging.DEBUG if _debug() else logging.INFO if verbose else logging.WARNING
+    if not (verbose or _debug()):
+        # transformers' "Loading weights" bars add nothing to hubquant's own step lines.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=level, format="hubquant: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
     if not _debug():
         for noisy in ("llama_cpp", "hf-to-gguf", "gguf", "transformers", "httpx", "urllib3", "filelock"):
