@@ -164,6 +164,57 @@ def quantize(source: str | None, recipe_file: str | None, fmt: str, precisions: 
         raise SystemExit(1)
 
 
+@cli.command(name="eval")
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--source", help="The source checkpoint (default: the one recorded in the first artifact's manifest).")
+@click.option("--text", "text_path", type=click.Path(dir_okay=False), help="UTF-8 text to evaluate on (default: built-in).")
+@click.option("--dataset", help="A datasets dataset as NAME[:CONFIG[:SPLIT]] (needs the Hub).")
+@click.option("--context", default=512, show_default=True, help="Tokens per window.")
+@click.option("--max-windows", type=int, help="Score at most this many windows.")
+@click.option("--prompt-tokens", default=64, show_default=True, help="Prompt length for the speed test.")
+@click.option("--gen-tokens", default=32, show_default=True, help="Tokens generated for the speed test.")
+@click.option("--max-ppl-delta", type=float, metavar="PCT", help="Quality gate: fail variants whose perplexity rises more.")
+@click.option("--max-kl", type=float, metavar="X", help="Quality gate: fail variants whose mean KL is higher.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw size against Δ perplexity and KL to a PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def eval_command(artifacts: tuple[str, ...], source: str | None, text_path: str | None, dataset: str | None,
+                 context: int, max_windows: int | None, prompt_tokens: int, gen_tokens: int,
+                 max_ppl_delta: float | None, max_kl: float | None, plot_path: str | None, as_json: bool) -> None:
+    """Measure ARTIFACTS against their source on the same token ids and print the comparison.
+
+    Writes eval.json beside each artifact. Exit code 2 when a variant fails the quality gate.
+
+    \b
+    Example:
+      hubquant eval out/gguf-* --max-ppl-delta 5 --plot tradeoff.png
+    """
+    from hubquant.artifact import load_artifact
+    from hubquant.evaluate import EvalSettings, eval_text, evaluate, render_table, rows_as_json
+    from hubquant.source import resolve_source
+
+    loaded = [load_artifact(path) for path in artifacts]
+    if source is None:
+        source = loaded[0].manifest.get("source", {}).get("path")
+        if not source:
+            raise RecipeError("the artifact's manifest names no source", hint="pass --source")
+    resolved = resolve_source(source)
+    text = eval_text(text_path=text_path, dataset=dataset)
+    settings = EvalSettings(context=context, max_windows=max_windows, prompt_tokens=prompt_tokens,
+                            gen_tokens=gen_tokens)
+    rows = evaluate(loaded, resolved, text=text, settings=settings, max_ppl_delta=max_ppl_delta, max_kl=max_kl,
+                    progress=_Progress(quiet=as_json))
+    if as_json:
+        click.echo(json.dumps(rows_as_json(rows, text=text, settings=settings), indent=2))
+    else:
+        click.echo(render_table(rows))
+    if plot_path:
+        from hubquant.plot import plot_tradeoff
+
+        click.echo(f"plot: {plot_tradeoff(rows, plot_path, title=resolved.name)}", err=True)
+    if any(not row.gate["passed"] for row in rows):
+        raise SystemExit(2)
+
+
 @cli.command()
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--style", type=click.Choice(["phi3", "phi4"]), default="phi3", show_default=True,

@@ -1,7 +1,8 @@
 """``hubquant demo``: the main job on the embedded default, runnable on any machine.
 
 Builds (once, cached) a tiny Phi-3-style checkpoint, quantizes it to GGUF F16, Q8_0 and Q4_K_M,
-and measures each variant's perplexity against the PyTorch original on hubquant's built-in text.
+and measures every variant against the PyTorch original on hubquant's built-in text
+(perplexity, KL divergence, top-1 agreement, speed, memory).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ DEMO_PRECISIONS = ("F16", "Q8_0", "Q4_K_M")
 
 def run_demo(output: Path, *, progress: Progress) -> str:
     """Run the demo into ``output`` and return the table to print."""
-    from hubquant.evaluate import perplexity_table
+    from hubquant.evaluate import EvalSettings, eval_text, evaluate, render_table
     from hubquant.pipeline import quantize
     from hubquant.tiny import tiny_phi
 
@@ -29,13 +30,9 @@ def run_demo(output: Path, *, progress: Progress) -> str:
     result = quantize(recipe, progress=progress)
     if result.failures:
         raise result.failures[0].error  # type: ignore[misc]
-    progress("demo: measuring perplexity of every variant on the built-in text")
-    rows = perplexity_table(result.source, result.artifacts)
-    lines = [f"{'variant':<22} {'size':>10} {'perplexity':>11} {'Δ vs ref':>9}"]
-    for row in rows:
-        lines.append(f"{row['variant']:<22} {row['size'] / 1e6:>8.2f}MB {row['perplexity']:>11.3f} "
-                     f"{row['delta_pct']:>+8.2f}%")
-    lines.append("")
+    rows = evaluate(result.artifacts, result.source, text=eval_text(), settings=EvalSettings(context=256),
+                    progress=progress)
+    lines = [render_table(rows), ""]
     lines.append(f"source:    {model}")
-    lines.append(f"artifacts: {output.resolve()}  (each with manifest.json)")
+    lines.append(f"artifacts: {output.resolve()}  (each with manifest.json and eval.json)")
     return "\n".join(lines)

@@ -1,31 +1,95 @@
-"""Measuring a variant against its source: one token stream, the same windows for every runtime.
+"""Measuring every variant the same way: one token stream, the same windows, the same metrics.
 
 The text is tokenized once with the source's Hugging Face tokenizer and those ids are fed to every
 runtime (runtime tokenizers split SentencePiece whitespace differently). The ids are cut into
-non-overlapping windows of ``context`` tokens; a window's first token is context only, every later
-token is scored. Perplexity is ``exp(mean negative log-likelihood)`` over all scored tokens.
+non-overlapping windows of ``context`` tokens (the remainder shorter than a window is dropped);
+a window's first token is context only, every later token is scored. The reference — the source in
+PyTorch, fp32 on CPU — is run once per (source, text, windows) and its logits are cached on disk.
+Each variant is measured in its own child process (:mod:`hubquant.eval_worker`), so one variant's
+memory never shows up in another's figure.
+
+Metrics (names shared by ``eval.json``, the table, MLflow and model cards):
+
+=============================  ======================================================================
+``size_bytes``                 bytes on disk of the variant's files (manifest excluded)
+``bits_per_weight``            ``size_bytes * 8 / parameter_count`` of the source
+``compression_ratio``          source weight bytes / ``size_bytes``
+``perplexity``                 ``exp(mean NLL)`` over every scored token of every window
+``ppl_delta``                  ``perplexity - reference perplexity``
+``ppl_delta_pct``              ``100 * ppl_delta / reference perplexity``
+``kl_mean``                    mean over scored positions of KL(reference ‖ variant) next-token distributions (nats)
+``kl_p99``                     99th percentile of that per-position KL
+``top1_agreement``             fraction of positions where the variant's argmax equals the reference's
+``load_seconds``               wall time to load the variant into its runtime
+``prefill_tokens_per_second``  ``prompt_tokens`` / time to process the prompt (greedy, after a warm-up)
+``decode_tokens_per_second``   ``gen_tokens`` / time to generate them one by one after the prompt
+``peak_rss_mb``                peak resident memory (MiB) of the child process through load and generation
+``export_seconds``             the variant's own export step, from its manifest
+=============================  ======================================================================
+
+The reference row has the same fields (its KL is 0 and agreement 1 by definition).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from hubquant.errors import HubquantError, SourceError
+from hubquant.errors import ArtifactError, HubquantError, MissingDependencyError, SourceError
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from hubquant.exporters.base import Runner
+    from hubquant.artifact import Artifact
+    from hubquant.exporters.base import Progress, Runner
     from hubquant.source import SourceModel
 
+log = logging.getLogger(__name__)
+
 BUILTIN_TEXT = "calibration.txt"
+EVAL_FILE = "eval.json"
+EVAL_SCHEMA = "hubquant.eval/1"
+#: Bump when a metric's computation changes: cached references are rebuilt.
+REFERENCE_VERSION = 1
+
+METRICS: dict[str, str] = {
+    "size_bytes": "bytes on disk", "bits_per_weight": "bits per source weight",
+    "compression_ratio": "source size / variant size", "perplexity": "exp(mean NLL) on the text",
+    "ppl_delta": "perplexity − reference", "ppl_delta_pct": "100 × ppl_delta / reference",
+    "kl_mean": "mean KL(reference ‖ variant), nats", "kl_p99": "99th percentile KL, nats",
+    "top1_agreement": "share of positions with the reference's argmax", "load_seconds": "load time, s",
+    "prefill_tokens_per_second": "prompt tokens/s", "decode_tokens_per_second": "generated tokens/s",
+    "peak_rss_mb": "peak resident memory, MiB", "export_seconds": "export time, s",
+}
 
 
 class EvaluationError(HubquantError, ValueError):
     """The evaluation cannot run on the given text or artifacts."""
+
+
+# -- the text and its token stream ------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalText:
+    """The evaluation text: its name (``builtin``, a path or a dataset spec) and content."""
+
+    name: str
+    content: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content.encode("utf-8")).hexdigest()
 
 
 def read_text(path: str | Path | None) -> str:
@@ -45,6 +109,50 @@ def read_text(path: str | Path | None) -> str:
     return text
 
 
+def load_dataset_text(spec: str, *, max_chars: int = 2_000_000) -> str:
+    """Join the ``text`` column of a ``datasets`` dataset given as ``NAME[:CONFIG[:SPLIT]]``.
+
+    Raises:
+        MissingDependencyError: ``datasets`` is not installed.
+        EvaluationError: the dataset cannot be loaded (offline, unknown) or has no text column.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise MissingDependencyError("--dataset needs the 'datasets' library", extra="datasets") from None
+    name, _, rest = spec.partition(":")
+    config, _, split = rest.partition(":")
+    try:
+        data = datasets.load_dataset(name, config or None, split=split or "test")
+    except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types
+        raise EvaluationError(f"cannot load dataset {spec}: {type(exc).__name__}: {exc}",
+                              hint="check the name and that the Hub is reachable, or pass --text FILE") from None
+    column = "text" if "text" in data.column_names else next(
+        (c for c in data.column_names if str(data.features[c]) in ("Value('string')", "Value(dtype='string', id=None)")),
+        None)
+    if column is None:
+        raise EvaluationError(f"dataset {spec} has no text column ({', '.join(data.column_names)})",
+                              hint="pick a dataset with a 'text' column")
+    parts, total = [], 0
+    for row in data[column]:
+        parts.append(row)
+        total += len(row)
+        if total >= max_chars:
+            break
+    return "\n".join(parts)
+
+
+def eval_text(*, text_path: str | Path | None = None, dataset: str | None = None) -> EvalText:
+    """The text to evaluate on: a file, a dataset, or the built-in default."""
+    if text_path is not None and dataset is not None:
+        raise EvaluationError("--text and --dataset cannot be combined", hint="choose one source of text")
+    if dataset is not None:
+        return EvalText(name=f"dataset:{dataset}", content=load_dataset_text(dataset))
+    if text_path is not None:
+        return EvalText(name=str(text_path), content=read_text(text_path))
+    return EvalText(name="builtin", content=read_text(None))
+
+
 def token_windows(ids: Sequence[int], context: int) -> list[list[int]]:
     """Non-overlapping windows of exactly ``context`` ids; the remainder shorter than a window is dropped.
 
@@ -56,7 +164,7 @@ def token_windows(ids: Sequence[int], context: int) -> list[list[int]]:
     count = len(ids) // context
     if count == 0:
         raise EvaluationError(f"the text has {len(ids)} tokens, fewer than one window of {context}",
-                              hint="use a longer text or a smaller context length")
+                              hint="use a longer text or a smaller --context")
     return [list(ids[i * context : (i + 1) * context]) for i in range(count)]
 
 
@@ -72,6 +180,7 @@ def tokenize(source: "SourceModel", text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+# -- scoring ----------------------------------------------------------------------------------
 class TorchRunner:
     """The unquantized source in PyTorch (fp32 on CPU): the reference every variant is compared with."""
 
@@ -87,6 +196,20 @@ class TorchRunner:
         with self._torch.inference_mode():
             out = self._model(input_ids=self._torch.tensor([list(ids)])).logits[0]
         return out.float().numpy()
+
+    def timed_generation(self, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+        torch = self._torch
+        with torch.inference_mode():
+            started = time.perf_counter()
+            out = self._model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
+            prefill = time.perf_counter() - started
+            past, token = out.past_key_values, out.logits[0, -1].argmax()
+            started = time.perf_counter()
+            for _ in range(new_tokens):
+                out = self._model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[0, -1].argmax()
+            decode = time.perf_counter() - started
+        return prefill, decode
 
     def close(self) -> None:
         del self._model
@@ -125,29 +248,247 @@ def perplexity(runner: "Runner | TorchRunner", windows: list[list[int]]) -> floa
     return float(np.exp(nll.mean()))
 
 
-def perplexity_table(source: "SourceModel", artifacts: list, *, text_path: str | Path | None = None,
-                     context: int = 256) -> list[dict[str, object]]:
-    """Perplexity of the reference and of each artifact on the same windows (reference first).
+# -- running the measurements ----------------------------------------------------------------
+@dataclass
+class EvalSettings:
+    """How a variant is measured; identical for every variant of a comparison."""
 
-    Each row: ``variant``, ``size`` (bytes), ``perplexity``, ``delta_pct`` (vs the reference).
+    context: int = 512
+    max_windows: int | None = None
+    prompt_tokens: int = 64
+    gen_tokens: int = 32
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def key(self) -> dict[str, Any]:
+        return {"context": self.context, "max_windows": self.max_windows}
+
+
+@dataclass
+class EvalRow:
+    """One row of the comparison: the reference or one variant."""
+
+    label: str
+    format: str
+    precision: str
+    metrics: dict[str, float | int | None]
+    path: str | None = None
+    reference: bool = False
+    gate: dict[str, Any] = field(default_factory=lambda: {"passed": True, "reasons": []})
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def machine_facts() -> dict[str, Any]:
+    """What the speed and memory figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version()}
+
+
+def _run_worker(job: dict[str, Any], work: Path) -> dict[str, Any]:
+    spec_path = work / f"job-{time.perf_counter_ns()}.json"
+    result_path = spec_path.with_suffix(".result.json")
+    spec_path.write_text(json.dumps({**job, "result": str(result_path)}))
+    completed = subprocess.run([sys.executable, "-m", "hubquant.eval_worker", str(spec_path)],
+                               capture_output=True, text=True)
+    if completed.returncode != 0 or not result_path.is_file():
+        tail = (completed.stderr or "").strip().splitlines()[-3:]
+        raise EvaluationError(f"evaluating {job.get('label')} failed: {' / '.join(tail) or 'no output'}",
+                              hint="run with HUBQUANT_DEBUG=1 for the full log")
+    result = json.loads(result_path.read_text())
+    if "error" in result:
+        raise EvaluationError(f"evaluating {job.get('label')} failed: {result['error']}",
+                              hint=result.get("hint") or "run with HUBQUANT_DEBUG=1 for the full log")
+    return result
+
+
+def reference_cache_dir(source: "SourceModel", text: EvalText, settings: EvalSettings) -> Path:
+    from hubquant.tiny import cache_root
+
+    key = hashlib.sha256(json.dumps({"source": source.fingerprint, "text": text.sha256, "windows": settings.key(),
+                                     "v": REFERENCE_VERSION}, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root() / "reference" / key
+
+
+def reference(source: "SourceModel", text: EvalText, settings: EvalSettings, *, work: Path,
+              progress: "Progress") -> tuple[Path, dict[str, Any]]:
+    """The cached reference for (source, text, windows): a folder of per-window logits plus its row.
+
+    Computed once in a child process and reused until the source, the text or the window
+    settings change.
+    """
+    import numpy as np
+
+    from hubquant.artifact import atomic_folder
+
+    folder = reference_cache_dir(source, text, settings)
+    meta_path = folder / "reference.json"
+    if meta_path.is_file():
+        progress(f"reference: reusing cached logits ({folder})")
+        return folder, json.loads(meta_path.read_text())
+    windows = token_windows(tokenize(source, text.content), settings.context)
+    if settings.max_windows:
+        windows = windows[: settings.max_windows]
+    progress(f"reference: PyTorch logits for {len(windows)} window(s) of {settings.context} tokens (cached after)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_folder(folder) as staging:
+            np.save(staging / "windows.npy", np.asarray(windows, dtype=np.int64))
+            result = _run_worker({"kind": "reference", "label": "reference", "source": str(source.path),
+                                  "folder": str(staging), "prompt_tokens": settings.prompt_tokens,
+                                  "gen_tokens": settings.gen_tokens, "context": settings.context}, work)
+            (staging / "reference.json").write_text(json.dumps(result))
+    except FileExistsError:  # another process cached it meanwhile
+        pass
+    return folder, json.loads(meta_path.read_text())
+
+
+def _gate(row: EvalRow, *, max_ppl_delta: float | None, max_kl: float | None) -> None:
+    reasons = []
+    delta, kl = row.metrics.get("ppl_delta_pct"), row.metrics.get("kl_mean")
+    if max_ppl_delta is not None and delta is not None and delta > max_ppl_delta:
+        reasons.append(f"Δ perplexity {delta:+.2f}% > {max_ppl_delta}%")
+    if max_kl is not None and kl is not None and kl > max_kl:
+        reasons.append(f"KL {kl:.4g} > {max_kl}")
+    row.gate = {"passed": not reasons, "reasons": reasons, "max_ppl_delta_pct": max_ppl_delta, "max_kl": max_kl}
+
+
+def check_artifact_source(artifact: "Artifact", source: "SourceModel") -> None:
+    """Refuse to compare an artifact with a source it was not built from."""
+    built_from = artifact.manifest.get("source", {}).get("fingerprint")
+    if built_from != source.fingerprint:
+        raise ArtifactError(
+            f"{artifact.path.name} was built from another source than {source.name} (fingerprints differ)",
+            path=artifact.path, hint="pass the --source the artifact was quantized from, or rebuild the artifact")
+
+
+def evaluate(artifacts: list["Artifact"], source: "SourceModel", *, text: EvalText, settings: EvalSettings,
+             max_ppl_delta: float | None = None, max_kl: float | None = None,
+             progress: "Progress | None" = None) -> list[EvalRow]:
+    """Measure every artifact against the cached reference; write ``eval.json`` beside each.
+
+    Returns the rows, the reference first, then the variants by decreasing size.
+
+    Raises:
+        ArtifactError: an artifact was built from another source.
+        EvaluationError: the text is too short, or a runtime failed.
     """
     from hubquant.exporters import get_exporter
 
-    windows = token_windows(tokenize(source, read_text(text_path)), context)
-    reference = TorchRunner(source)
-    try:
-        base = perplexity(reference, windows)
-    finally:
-        reference.close()
-    weights = sum((source.path / name).stat().st_size for name in source.weight_files)
-    rows: list[dict[str, object]] = [{"variant": f"reference ({source.dtype})", "size": weights, "perplexity": base,
-                                      "delta_pct": 0.0}]
-    for artifact in sorted(artifacts, key=lambda a: -a.size_bytes):
-        runner = get_exporter(artifact.format)().runner(artifact, context_length=context)
-        try:
-            value = perplexity(runner, windows)
-        finally:
-            runner.close()
-        rows.append({"variant": f"{artifact.format} {artifact.precision}", "size": artifact.size_bytes,
-                     "perplexity": value, "delta_pct": 100.0 * (value - base) / base})
+    say = progress or (lambda line: None)
+    for artifact in artifacts:
+        check_artifact_source(artifact, source)
+        get_exporter(artifact.format).check_installed()
+    weight_bytes = sum((source.path / name).stat().st_size for name in source.weight_files)
+    with tempfile.TemporaryDirectory(prefix="hubquant-eval-") as tmp:
+        work = Path(tmp)
+        ref_folder, ref_result = reference(source, text, settings, work=work, progress=say)
+        base_ppl = ref_result["perplexity"]
+        text_facts = {"name": text.name, "sha256": text.sha256, **ref_result["text"]}
+        short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(source.dtype, source.dtype)
+        ref_row = EvalRow(label=f"reference {short}", format="pytorch", precision=source.dtype,
+                          reference=True, path=str(source.path), metrics={
+                              "size_bytes": weight_bytes, "bits_per_weight": weight_bytes * 8 / source.parameter_count,
+                              "compression_ratio": 1.0, "perplexity": base_ppl, "ppl_delta": 0.0,
+                              "ppl_delta_pct": 0.0, "kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0,
+                              **{k: ref_result[k] for k in ("load_seconds", "prefill_tokens_per_second",
+                                                            "decode_tokens_per_second", "peak_rss_mb")},
+                              "export_seconds": None})
+        rows = [ref_row]
+        for artifact in sorted(artifacts, key=lambda a: -a.size_bytes):
+            label = f"{artifact.format} {artifact.precision}" + ("+imatrix" if artifact.manifest["variant"]["options"].get("imatrix") else "")
+            say(f"{label}: measuring in a child process")
+            result = _run_worker({"kind": "artifact", "label": label, "artifact": str(artifact.path),
+                                  "reference": str(ref_folder), "context": settings.context,
+                                  "prompt_tokens": settings.prompt_tokens, "gen_tokens": settings.gen_tokens}, work)
+            size = artifact.size_bytes
+            ppl = result["perplexity"]
+            row = EvalRow(label=label, format=artifact.format, precision=artifact.precision, path=str(artifact.path),
+                          options=artifact.manifest["variant"]["options"], metrics={
+                              "size_bytes": size, "bits_per_weight": size * 8 / source.parameter_count,
+                              "compression_ratio": weight_bytes / size, "perplexity": ppl,
+                              "ppl_delta": ppl - base_ppl, "ppl_delta_pct": 100.0 * (ppl - base_ppl) / base_ppl,
+                              **{k: result[k] for k in ("kl_mean", "kl_p99", "top1_agreement", "load_seconds",
+                                                        "prefill_tokens_per_second", "decode_tokens_per_second",
+                                                        "peak_rss_mb")},
+                              "export_seconds": artifact.manifest.get("export_seconds")})
+            _gate(row, max_ppl_delta=max_ppl_delta, max_kl=max_kl)
+            timing = {"worker_seconds": result["worker_seconds"], "forward_seconds": result["forward_seconds"]}
+            write_eval_json(artifact, row, source=source, text=text_facts, settings=settings, reference_row=ref_row,
+                            timing=timing)
+            rows.append(row)
     return rows
+
+
+def write_eval_json(artifact: "Artifact", row: EvalRow, *, source: "SourceModel", text: dict[str, Any],
+                    settings: EvalSettings, reference_row: EvalRow, timing: dict[str, float]) -> Path:
+    """Write ``eval.json`` beside the artifact (atomically) so later stages read it, not re-run it."""
+    from hubquant import __version__
+
+    document = {
+        "schema": EVAL_SCHEMA,
+        "hubquant_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "variant": {"label": row.label, "format": row.format, "precision": row.precision, "options": row.options},
+        "source": {"id": source.source_id, "revision": source.revision, "fingerprint": source.fingerprint,
+                   "parameter_count": source.parameter_count, "dtype": source.dtype},
+        "text": text,
+        "settings": {"context": settings.context, "max_windows": settings.max_windows,
+                     "prompt_tokens": settings.prompt_tokens, "gen_tokens": settings.gen_tokens},
+        "machine": machine_facts(),
+        "metrics": row.metrics,
+        "reference": reference_row.metrics,
+        "gate": row.gate,
+        # How long measuring took: the whole child process, and the part that was the runtime's
+        # forward passes over the windows (the rest is loading, the speed test and scoring).
+        "timing": timing,
+    }
+    path = artifact.path / EVAL_FILE
+    tmp = path.with_name(f".{EVAL_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def rows_as_json(rows: list[EvalRow], *, text: EvalText, settings: EvalSettings) -> dict[str, Any]:
+    """The ``hubquant eval --json`` document (schema: ``hubquant/data/eval-table.schema.json``)."""
+    return {
+        "schema": "hubquant.eval-table/1",
+        "text": {"name": text.name, "sha256": text.sha256},
+        "settings": {"context": settings.context, "max_windows": settings.max_windows,
+                     "prompt_tokens": settings.prompt_tokens, "gen_tokens": settings.gen_tokens},
+        "machine": machine_facts(),
+        "rows": [{"label": r.label, "format": r.format, "precision": r.precision, "reference": r.reference,
+                  "path": r.path, "metrics": r.metrics, "gate": r.gate} for r in rows],
+    }
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def render_table(rows: list[EvalRow]) -> str:
+    """The comparison table; fits a 100-column terminal."""
+    header = (f"{'variant':<18} {'size':>8} {'bpw':>5} {'ppl':>8} {'Δppl':>7} {'KL':>8} {'KL p99':>8} "
+              f"{'top1':>6} {'pre t/s':>7} {'dec t/s':>7} {'RSS MB':>6}")
+    lines = [header, "─" * len(header)]
+    for row in rows:
+        m = row.metrics
+        size = m["size_bytes"] / 1e6
+        size_text = f"{size:.1f}MB" if size < 1000 else f"{size / 1000:.2f}GB"
+        mark = "" if row.gate["passed"] else " ✗"
+        lines.append(
+            f"{row.label[:18]:<18} {size_text:>8} {_fmt(m['bits_per_weight'], '.2f'):>5} {_fmt(m['perplexity'], '.3f'):>8} "
+            f"{_fmt(m['ppl_delta_pct'], '+.2f') + '%':>7} {_fmt(m['kl_mean'], '.2e'):>8} {_fmt(m['kl_p99'], '.2e'):>8} "
+            f"{_fmt(100 * m['top1_agreement'], '.1f') + '%':>6} {_fmt(m['prefill_tokens_per_second'], '.0f'):>7} "
+            f"{_fmt(m['decode_tokens_per_second'], '.0f'):>7} {_fmt(m['peak_rss_mb'], '.0f'):>6}{mark}")
+    failed = [r for r in rows if not r.gate["passed"]]
+    for row in failed:
+        lines.append(f"✗ {row.label}: fails the quality gate ({'; '.join(row.gate['reasons'])})")
+    return "\n".join(lines)

@@ -78,6 +78,7 @@ class SourceModel:
         """The facts recorded in manifests (and later in MLflow params and cards)."""
         return {
             "id": self.source_id,
+            "path": str(self.path),
             "name": self.name,
             "revision": self.revision,
             "fingerprint": self.fingerprint,

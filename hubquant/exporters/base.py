@@ -61,6 +61,10 @@ class Runner:
         """Logits of shape ``[len(ids), vocab]``: row i scores the token after ``ids[: i + 1]``."""
         raise NotImplementedError
 
+    def timed_generation(self, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+        """Process ``prompt`` then generate ``new_tokens`` greedily; return (prefill s, decode s)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release the runtime's memory."""
 

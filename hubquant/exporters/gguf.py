@@ -451,5 +451,18 @@ class GGUFRunner(Runner):
         self._llama.eval(list(ids))
         return np.array(self._llama.scores[: len(ids)], dtype=np.float32, copy=True)
 
+    def timed_generation(self, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+        import numpy as np
+
+        llama = self._llama
+        llama.reset()
+        started = time.perf_counter()
+        llama.eval(list(prompt))
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            llama.eval([int(np.argmax(llama.scores[llama.n_tokens - 1]))])
+        return prefill, time.perf_counter() - started
+
     def close(self) -> None:
         self._llama.close()
