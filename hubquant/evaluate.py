@@ -474,20 +474,20 @@ def _fmt(value: float | int | None, spec: str) -> str:
 
 
 def render_table(rows: list[EvalRow]) -> str:
-    """The comparison table; fits a 100-column terminal."""
-    header = (f"{'variant':<18} {'size':>8} {'bpw':>5} {'ppl':>8} {'Δppl':>7} {'KL':>8} {'KL p99':>8} "
+    """The comparison table; fits a 100-column terminal. A ✗ marks a variant that fails the gate."""
+    header = (f"{'variant':<21} {'size':>7} {'bpw':>5} {'ppl':>8} {'Δppl':>7} {'KL':>8} {'KL p99':>8} "
               f"{'top1':>6} {'pre t/s':>7} {'dec t/s':>7} {'RSS MB':>6}")
     lines = [header, "─" * len(header)]
     for row in rows:
         m = row.metrics
         size = m["size_bytes"] / 1e6
         size_text = f"{size:.1f}MB" if size < 1000 else f"{size / 1000:.2f}GB"
-        mark = "" if row.gate["passed"] else " ✗"
+        label = row.label if row.gate["passed"] else f"✗ {row.label}"
         lines.append(
-            f"{row.label[:18]:<18} {size_text:>8} {_fmt(m['bits_per_weight'], '.2f'):>5} {_fmt(m['perplexity'], '.3f'):>8} "
+            f"{label[:21]:<21} {size_text:>7} {_fmt(m['bits_per_weight'], '.2f'):>5} {_fmt(m['perplexity'], '.3f'):>8} "
             f"{_fmt(m['ppl_delta_pct'], '+.2f') + '%':>7} {_fmt(m['kl_mean'], '.2e'):>8} {_fmt(m['kl_p99'], '.2e'):>8} "
             f"{_fmt(100 * m['top1_agreement'], '.1f') + '%':>6} {_fmt(m['prefill_tokens_per_second'], '.0f'):>7} "
-            f"{_fmt(m['decode_tokens_per_second'], '.0f'):>7} {_fmt(m['peak_rss_mb'], '.0f'):>6}{mark}")
+            f"{_fmt(m['decode_tokens_per_second'], '.0f'):>7} {_fmt(m['peak_rss_mb'], '.0f'):>6}")
     failed = [r for r in rows if not r.gate["passed"]]
     for row in failed:
         lines.append(f"✗ {row.label}: fails the quality gate ({'; '.join(row.gate['reasons'])})")

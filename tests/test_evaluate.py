@@ -86,7 +86,7 @@ def test_table_fits_a_terminal_and_gate_exits_2(variants: list[str], tmp_path: P
     assert code == 2, err
     lines = out.splitlines()
     assert all(len(line) <= 100 for line in lines), max(map(len, lines))
-    assert any("Q4_K_M" in line and "✗" in line for line in lines)
+    assert any(line.startswith("✗ gguf Q4_K_M ") for line in lines)
     assert any(line.startswith("✗ gguf Q4_K_M: fails the quality gate") for line in lines)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     gate = json.loads((Path(variants[-1]) / "eval.json").read_text())["gate"]
@@ -118,3 +118,7 @@ def test_bad_inputs(variants: list[str], tiny_phi4: Path, tmp_path: Path) -> Non
     _clean_failure(code, err, "fewer than one window")
     code, _, err = run_cli("eval", variants[0], "--text", str(short), "--dataset", "wikitext")
     _clean_failure(code, err, "cannot be combined")
+    # No Hub here: either datasets is missing (named extra) or it cannot load the dataset.
+    code, _, err = run_cli("eval", variants[0], "--dataset", "wikitext:wikitext-2-raw-v1:test")
+    assert code == 1 and "Traceback" not in err
+    assert "hubquant[datasets]" in err or "cannot load dataset" in err

@@ -134,3 +134,21 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "hubquant.cli", "quantize", str(tmp_path / "missing")],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 1 and "Traceback" in result.stderr and "SourceError" in result.stderr
+
+
+def test_hub_id_resolves_from_the_local_cache(untrained_phi3: Path, tmp_path: Path) -> None:
+    """A Hub id goes through snapshot_download; offline, a cached snapshot is used with its commit sha."""
+    import os
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(os.environ["HF_HOME"]) / "hub" / "models--microsoft--tiny-phi"
+    shutil.copytree(untrained_phi3, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    source = resolve_source("microsoft/tiny-phi")
+    assert source.revision == commit and source.name == "tiny-phi"
+    assert source.path == (repo / "snapshots" / commit).resolve()
+    code, _, err = run_cli("quantize", "microsoft/not-cached", "--output", str(tmp_path / "o"))
+    _assert_clean_failure(code, err, "microsoft/not-cached")
+    assert not (tmp_path / "o").exists()
