@@ -77,6 +77,26 @@ def cli(verbose: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def tracking_options(command: Any) -> Any:
+    """--no-track / --experiment / --new-run, shared by every command that records runs."""
+    command = click.option("--new-run", is_flag=True, help="Start new MLflow runs instead of updating this variant's.")(command)
+    command = click.option("--experiment", help="MLflow experiment (default: hubquant/<model name>).")(command)
+    command = click.option("--no-track", is_flag=True,
+                           help="Do not record MLflow runs (default: MLFLOW_TRACKING_URI, else ./mlflow.db).")(command)
+    return command
+
+
+def _tracking(no_track: bool, experiment: str | None, new_run: bool) -> Any:
+    from hubquant.pipeline import TrackingSettings
+
+    return None if no_track else TrackingSettings(experiment=experiment, new_run=new_run)
+
+
+def _print_tracking(summary: Any) -> None:
+    if summary is not None:
+        click.echo(f"mlflow: {summary.where}", err=True)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the formats as JSON.")
 def formats(as_json: bool) -> None:
@@ -131,8 +151,10 @@ def _print_results(result: Any, as_json: bool) -> None:
               help="Folder that receives one sub-folder per variant.")
 @click.option("--force", is_flag=True, help="Rebuild variants even when their inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts as JSON (path, format, precision, size, sha256).")
+@tracking_options
 def quantize(source: str | None, recipe_file: str | None, fmt: str, precisions: tuple[str, ...],
-             options: tuple[str, ...], revision: str | None, output: str, force: bool, as_json: bool) -> None:
+             options: tuple[str, ...], revision: str | None, output: str, force: bool, as_json: bool,
+             no_track: bool, experiment: str | None, new_run: bool) -> None:
     """Quantize SOURCE (a local folder or a Hub id) into one or more variants.
 
     \b
@@ -158,8 +180,9 @@ def quantize(source: str | None, recipe_file: str | None, fmt: str, precisions: 
                          for p in (precisions or ("int4",))],
         }
         recipe = build_recipe(data, origin="command line")
-    result = run_quantize(recipe, force=force, progress=_Progress())
+    result = run_quantize(recipe, force=force, progress=_Progress(), tracking=_tracking(no_track, experiment, new_run))
     _print_results(result, as_json)
+    _print_tracking(result.tracking)
     if result.failures:
         raise SystemExit(1)
 
@@ -177,9 +200,11 @@ def quantize(source: str | None, recipe_file: str | None, fmt: str, precisions: 
 @click.option("--max-kl", type=float, metavar="X", help="Quality gate: fail variants whose mean KL is higher.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw size against Δ perplexity and KL to a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@tracking_options
 def eval_command(artifacts: tuple[str, ...], source: str | None, text_path: str | None, dataset: str | None,
                  context: int, max_windows: int | None, prompt_tokens: int, gen_tokens: int,
-                 max_ppl_delta: float | None, max_kl: float | None, plot_path: str | None, as_json: bool) -> None:
+                 max_ppl_delta: float | None, max_kl: float | None, plot_path: str | None, as_json: bool,
+                 no_track: bool, experiment: str | None, new_run: bool) -> None:
     """Measure ARTIFACTS against their source on the same token ids and print the comparison.
 
     Writes eval.json beside each artifact. Exit code 2 when a variant fails the quality gate.
@@ -189,7 +214,8 @@ def eval_command(artifacts: tuple[str, ...], source: str | None, text_path: str 
       hubquant eval out/gguf-* --max-ppl-delta 5 --plot tradeoff.png
     """
     from hubquant.artifact import load_artifact
-    from hubquant.evaluate import EvalSettings, eval_text, evaluate, render_table, rows_as_json
+    from hubquant.evaluate import EvalSettings, eval_text, render_table, rows_as_json
+    from hubquant.pipeline import evaluate_artifacts
     from hubquant.source import resolve_source
 
     loaded = [load_artifact(path) for path in artifacts]
@@ -201,16 +227,17 @@ def eval_command(artifacts: tuple[str, ...], source: str | None, text_path: str 
     text = eval_text(text_path=text_path, dataset=dataset)
     settings = EvalSettings(context=context, max_windows=max_windows, prompt_tokens=prompt_tokens,
                             gen_tokens=gen_tokens)
-    rows = evaluate(loaded, resolved, text=text, settings=settings, max_ppl_delta=max_ppl_delta, max_kl=max_kl,
-                    progress=_Progress(quiet=as_json))
+    result = evaluate_artifacts(loaded, resolved, text=text, settings=settings, max_ppl_delta=max_ppl_delta,
+                                max_kl=max_kl, plot=Path(plot_path) if plot_path else None,
+                                progress=_Progress(quiet=as_json), tracking=_tracking(no_track, experiment, new_run))
+    rows = result.rows
     if as_json:
         click.echo(json.dumps(rows_as_json(rows, text=text, settings=settings), indent=2))
     else:
         click.echo(render_table(rows))
-    if plot_path:
-        from hubquant.plot import plot_tradeoff
-
-        click.echo(f"plot: {plot_tradeoff(rows, plot_path, title=resolved.name)}", err=True)
+    if result.plot:
+        click.echo(f"plot: {result.plot}", err=True)
+    _print_tracking(result.tracking)
     if any(not row.gate["passed"] for row in rows):
         raise SystemExit(2)
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hubquant.artifact import (
     Artifact,
@@ -27,9 +28,13 @@ from hubquant.artifact import (
 )
 from hubquant.errors import ExportError, HubquantError
 from hubquant.exporters import get_exporter
-from hubquant.exporters.base import ExportJob, Progress
+from hubquant.exporters.base import Exporter, ExportJob, Progress
 from hubquant.recipe import Recipe, VariantSpec
 from hubquant.source import SourceModel, resolve_source
+
+if TYPE_CHECKING:
+    from hubquant.evaluate import EvalSettings, EvalText
+    from hubquant.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +49,27 @@ class VariantResult:
 
 
 @dataclass
+class TrackingSettings:
+    """Whether and how to record runs in MLflow (None in place of this object: no tracking)."""
+
+    experiment: str | None = None
+    new_run: bool = False
+
+
+@dataclass
+class TrackingSummary:
+    uri: str
+    experiment: str
+    parent_run_id: str
+    where: str
+
+
+@dataclass
 class QuantizeResult:
     source: SourceModel
     output: Path
     variants: list[VariantResult] = field(default_factory=list)
+    tracking: TrackingSummary | None = None
 
     @property
     def artifacts(self) -> list[Artifact]:
@@ -65,30 +87,74 @@ def _as_export_error(exc: BaseException, spec: VariantSpec) -> HubquantError:
                        precision=spec.precision, hint="run with HUBQUANT_DEBUG=1 for the full log")
 
 
-def quantize(recipe: Recipe, *, force: bool = False, progress: Progress | None = None) -> QuantizeResult:
+def _open_tracker(source: SourceModel, tracking: TrackingSettings | None, experiment: str | None) -> Tracker | None:
+    if tracking is None:
+        return None
+    from hubquant.tracking import open_tracker
+
+    tracker = open_tracker(source, experiment=tracking.experiment or experiment, new_run=tracking.new_run)
+    tracker.start_parent()
+    return tracker
+
+
+def _summary(tracker: Tracker | None) -> TrackingSummary | None:
+    if tracker is None or tracker.parent_id is None:
+        return None
+    return TrackingSummary(uri=tracker.uri, experiment=tracker.experiment_name, parent_run_id=tracker.parent_id,
+                           where=tracker.parent_url)
+
+
+def quantize(recipe: Recipe, *, force: bool = False, progress: Progress | None = None,
+             tracking: TrackingSettings | None = None) -> QuantizeResult:
     """Build (or reuse) every variant of an already validated recipe.
 
     Args:
         recipe: a recipe from :func:`hubquant.recipe.build_recipe` / :func:`load_recipe`.
         force: rebuild even when a matching artifact exists.
         progress: receives one line per step.
+        tracking: record a parent run and one child run per variant in MLflow.
 
     Returns:
         Every variant's outcome; a failed variant does not stop the others.
 
     Raises:
-        SourceError, UnsupportedModelError, OutputError, MissingDependencyError: before any work.
+        SourceError, UnsupportedModelError, OutputError, MissingDependencyError, TrackingError:
+            before any work.
     """
-    say = progress or (lambda line: None)
     source = resolve_source(recipe.source, revision=recipe.revision)
     exporters = {spec.format: get_exporter(spec.format)() for spec in recipe.variants}
     for exporter in exporters.values():
         exporter.check_installed()
     output = Path(recipe.output)
-    created = prepare_output_root(output)
+    tracker = _open_tracker(source, tracking, recipe.experiment)
+    with contextlib.ExitStack() as stack:
+        if tracker is not None:
+            stack.enter_context(tracker)
+        created = prepare_output_root(output)
+        result = _quantize(source, exporters, recipe, output, force=force, progress=progress, tracker=tracker)
+        result.tracking = _summary(tracker)
+    if created and not result.artifacts:
+        # Nothing was produced: leave no empty output folder behind.
+        with contextlib.suppress(OSError):
+            shutil.rmtree(output) if not any(output.iterdir()) else None
+    return result
+
+
+def _quantize(source: SourceModel, exporters: dict[str, Exporter], recipe: Recipe, output: Path, *, force: bool,
+              progress: Progress | None, tracker: Tracker | None) -> QuantizeResult:
+    from hubquant.tracking import LogCapture
+
+    capture = LogCapture()
+    say_user = progress or (lambda line: None)
+
+    def say(line: str) -> None:
+        capture.progress(line)
+        say_user(line)
+
     remove_stale_temporaries(output)
     result = QuantizeResult(source=source, output=output)
     outcomes: dict[int, VariantResult] = {}
+    runs: dict[int, str] = {}
 
     for fmt, exporter in exporters.items():
         tools = exporter.tool_versions()
@@ -98,6 +164,8 @@ def quantize(recipe: Recipe, *, force: bool = False, progress: Progress | None =
                 continue
             target = output / exporter.folder_name(source, spec.precision, spec.options)
             key = cache_key(source_fingerprint=source.fingerprint, spec=spec.model_dump(mode="json"), tools=tools)
+            if tracker is not None:
+                runs[index] = tracker.variant_run(spec, key=key, name=target.name)
             reused = None if force else reusable_artifact(target, key)
             if reused is not None:
                 say(f"{spec.label}: reusing {target} (inputs unchanged; --force rebuilds)")
@@ -109,7 +177,7 @@ def quantize(recipe: Recipe, *, force: bool = False, progress: Progress | None =
         if not jobs:
             continue
         try:
-            with tempfile.TemporaryDirectory(prefix=".hubquant-tmp-work-", dir=output) as work_dir:
+            with tempfile.TemporaryDirectory(prefix=".hubquant-tmp-work-", dir=output) as work_dir, capture:
                 errors = exporter.export(source, [job for _, _, job, _, _ in jobs], work_dir=Path(work_dir),
                                          progress=say)
             for index, spec, job, target, key in jobs:
@@ -132,8 +200,65 @@ def quantize(recipe: Recipe, *, force: bool = False, progress: Progress | None =
                     discard_staging_folder(job.folder)
 
     result.variants = [outcomes[i] for i in sorted(outcomes)]
-    if created and not result.artifacts:
-        # Nothing was produced: leave no empty output folder behind.
-        with contextlib.suppress(OSError):
-            shutil.rmtree(output) if not any(output.iterdir()) else None
+    if tracker is not None:
+        for index, outcome in outcomes.items():
+            if outcome.artifact is not None:
+                tracker.log_artifact_files(runs[index], outcome.artifact, log_text=capture.text())
+                tracker.finish_variant(runs[index])
+            else:
+                tracker.fail_variant(runs[index], outcome.error)
     return result
+
+
+@dataclass
+class EvalResult:
+    rows: list
+    tracking: TrackingSummary | None = None
+    plot: Path | None = None
+
+
+def evaluate_artifacts(artifacts: list[Artifact], source: SourceModel, *, text: "EvalText", settings: "EvalSettings",
+                       max_ppl_delta: float | None = None, max_kl: float | None = None, plot: Path | None = None,
+                       progress: Progress | None = None, tracking: TrackingSettings | None = None) -> EvalResult:
+    """Measure artifacts, draw the chart, and record everything on each variant's MLflow run.
+
+    Raises:
+        TrackingError: the tracking server is unreachable (checked before measuring).
+        ArtifactError, EvaluationError: see :func:`hubquant.evaluate.evaluate`.
+    """
+    from hubquant.evaluate import evaluate
+    from hubquant.recipe import VariantSpec
+    from hubquant.tracking import LogCapture
+
+    tracker = _open_tracker(source, tracking, None)
+    capture = LogCapture()
+    say_user = progress or (lambda line: None)
+
+    def say(line: str) -> None:
+        capture.progress(line)
+        say_user(line)
+
+    with contextlib.ExitStack() as stack:
+        if tracker is not None:
+            stack.enter_context(tracker)
+        with capture:
+            rows = evaluate(artifacts, source, text=text, settings=settings, max_ppl_delta=max_ppl_delta,
+                            max_kl=max_kl, progress=say)
+        if plot is not None:
+            from hubquant.plot import plot_tradeoff
+
+            plot = plot_tradeoff(rows, plot, title=source.name)
+        if tracker is not None:
+            by_path = {str(a.path): a for a in artifacts}
+            for row in rows[1:]:
+                artifact = by_path[row.path]
+                variant = artifact.manifest["variant"]
+                spec = VariantSpec(format=variant["format"], precision=variant["precision"],
+                                   options=variant["options"])
+                run_id = tracker.variant_run(spec, key=artifact.manifest["cache_key"], name=artifact.path.name)
+                tracker.log_artifact_files(run_id, artifact)
+                tracker.log_evaluation(run_id, row, eval_json=artifact.path / "eval.json", model_name=artifact.path.name)
+                tracker.client.log_text(run_id, capture.text(), "logs/eval.log")
+                tracker.finish_variant(run_id)
+            tracker.log_comparison(rows, plot=plot)
+        return EvalResult(rows=rows, tracking=_summary(tracker), plot=plot)

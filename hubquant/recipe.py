@@ -63,6 +63,8 @@ class Recipe(BaseModel):
     source: str
     revision: str | None = None
     output: Path = Path("hubquant-out")
+    #: MLflow experiment (default ``hubquant/<model name>``).
+    experiment: str | None = None
     variants: list[VariantSpec]
 
     @field_validator("variants")

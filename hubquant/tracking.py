@@ -1,0 +1,310 @@
+"""MLflow tracking: one parent run per (source, revision), one child run per variant.
+
+- Target: ``MLFLOW_TRACKING_URI`` when set (a server; ``MLFLOW_TRACKING_TOKEN`` or
+  ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` are read by MLflow itself from the environment), else
+  MLflow's embedded local store ``sqlite:///<working folder>/mlflow.db``.
+- A child run is identified by the variant's cache key (source fingerprint, spec, tool versions),
+  so re-running the same variant updates the same run; ``new_run`` starts fresh ones.
+- A variant that fails ends as a FAILED run with the error in the ``hubquant.error`` tag; the
+  parent ends FAILED if any child did. Ctrl-C leaves KILLED runs, never RUNNING ones.
+- Every value goes through :func:`hubquant.errors.redact`, and only documented fields are
+  logged, so tokens never become params, tags or artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hubquant import __version__
+from hubquant.errors import HubquantError, MissingDependencyError, redact
+
+if TYPE_CHECKING:
+    from hubquant.artifact import Artifact
+    from hubquant.evaluate import EvalRow
+    from hubquant.recipe import VariantSpec
+    from hubquant.source import SourceModel
+
+log = logging.getLogger(__name__)
+
+LOCAL_STORE = "mlflow.db"
+ROLE, PARENT, VARIANT = "hubquant.role", "parent", "variant"
+KEY_TAG, SOURCE_TAG = "hubquant.variant_key", "hubquant.source_fingerprint"
+FORMAT_TAG, PRECISION_TAG, ERROR_TAG = "hubquant.format", "hubquant.precision", "hubquant.error"
+PARENT_TAG = "mlflow.parentRunId"
+_PARAM_LIMIT = 6000  # MLflow's param value limit
+
+
+class TrackingError(HubquantError, ConnectionError):
+    """The tracking server cannot be used."""
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, or the embedded local store in the working folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / LOCAL_STORE}"
+
+
+def ui_hint(uri: str) -> str:
+    """How to look at the runs."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _client(uri: str) -> Any:
+    try:
+        from mlflow import MlflowClient
+    except ImportError:
+        raise MissingDependencyError("tracking needs mlflow", extra="tracking",
+                                     hint='install it with: pip install "hubquant[tracking]", or pass --no-track') from None
+    return MlflowClient(tracking_uri=uri)
+
+
+def _clean(value: Any) -> str:
+    text = "" if value is None else value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return redact(text)[:_PARAM_LIMIT]
+
+
+class Tracker:
+    """Writes one source's runs. Create with :func:`open_tracker`; use as a context manager."""
+
+    def __init__(self, uri: str, *, experiment: str, source: "SourceModel", new_run: bool = False) -> None:
+        self.uri = uri
+        self.client = _client(uri)
+        self.source = source
+        self.new_run = new_run
+        self.experiment_name = experiment
+        self._check_reachable()
+        self.experiment_id = self._experiment(experiment)
+        self.parent_id: str | None = None
+        self._open: set[str] = set()
+        self._failed = False
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _check_reachable(self) -> None:
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a dead server
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server at {redact(self.uri)}: {type(exc).__name__}",
+                hint="start the server or fix MLFLOW_TRACKING_URI, or pass --no-track to run without tracking") from None
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        return self.client.create_experiment(name, tags={"hubquant.source": _clean(self.source.source_id)})
+
+    def _find(self, filter_string: str) -> str | None:
+        if self.new_run:
+            return None
+        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def _start(self, run_id: str | None, *, name: str, tags: dict[str, str]) -> str:
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+            run_id = run.info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, ERROR_TAG, "")
+        self._open.add(run_id)
+        return run_id
+
+    def _end(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+        self._open.discard(run_id)
+
+    # -- runs ---------------------------------------------------------------------------------
+    def start_parent(self) -> str:
+        """Open (or reopen) the parent run of this source and log its facts."""
+        facts = self.source.facts()
+        run_id = self._find(f"tags.`{ROLE}` = '{PARENT}' and tags.`{SOURCE_TAG}` = '{self.source.fingerprint}'")
+        self.parent_id = self._start(run_id, name=f"{self.source.name}", tags={
+            ROLE: PARENT, SOURCE_TAG: self.source.fingerprint, "hubquant.version": __version__,
+            **_github_tags()})
+        self._log(self.parent_id, params={f"source.{k}": v for k, v in facts.items() if k != "path"})
+        return self.parent_id
+
+    def variant_run(self, spec: "VariantSpec", *, key: str, name: str) -> str:
+        """Open (or reopen) the child run of one variant, identified by its cache key."""
+        assert self.parent_id, "start_parent() first"
+        run_id = self._find(f"tags.`{KEY_TAG}` = '{key}'")
+        run_id = self._start(run_id, name=name, tags={
+            ROLE: VARIANT, KEY_TAG: key, PARENT_TAG: self.parent_id, FORMAT_TAG: spec.format,
+            PRECISION_TAG: spec.precision, "hubquant.version": __version__, **_github_tags()})
+        params = {"format": spec.format, "precision": spec.precision, "source.id": self.source.source_id,
+                  "source.revision": self.source.revision, "source.fingerprint": self.source.fingerprint,
+                  "hubquant_version": __version__}
+        params.update({f"option.{k}": v for k, v in spec.options.items()})
+        self._log(run_id, params=params)
+        return run_id
+
+    def _log(self, run_id: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+             tags: dict[str, Any] | None = None, model_id: str | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        existing = self.client.get_run(run_id).data.params if params else {}
+        param_list = [Param(k, _clean(v)) for k, v in (params or {}).items() if k not in existing]
+        metric_list = [Metric(k, float(v), now, 0, model_id=model_id) for k, v in (metrics or {}).items()
+                       if v is not None]
+        tag_list = [RunTag(k, _clean(v)) for k, v in (tags or {}).items()]
+        self.client.log_batch(run_id, metrics=metric_list, params=param_list, tags=tag_list)
+
+    def log_artifact_files(self, run_id: str, artifact: "Artifact", *, log_text: str | None = None) -> None:
+        """The variant's manifest (and eval.json when present), its tool versions and its log."""
+        manifest = artifact.manifest
+        self._log(run_id, params={f"tool.{k}": v for k, v in manifest.get("tools", {}).items()},
+                  metrics={"size_bytes": artifact.size_bytes, "export_seconds": manifest.get("export_seconds")},
+                  tags={"hubquant.artifact_path": str(artifact.path), "hubquant.warnings": "; ".join(artifact.warnings)})
+        self.client.log_artifact(run_id, str(artifact.path / "manifest.json"))
+        if log_text:
+            self.client.log_text(run_id, redact(log_text), "logs/quantize.log")
+
+    def finish_variant(self, run_id: str) -> None:
+        self._end(run_id, "FINISHED")
+
+    def fail_variant(self, run_id: str, error: BaseException) -> None:
+        message = error.message if isinstance(error, HubquantError) else f"{type(error).__name__}: {error}"
+        self.client.set_tag(run_id, ERROR_TAG, _clean(message))
+        self.client.set_tag(run_id, "mlflow.note.content", _clean(f"Failed: {message}"))
+        self._failed = True
+        self._end(run_id, "FAILED")
+
+    def log_evaluation(self, run_id: str, row: "EvalRow", *, eval_json: Path | None, model_name: str) -> str:
+        """Metrics on the run and on the variant's LoggedModel; eval.json and the one-row table."""
+        import mlflow
+
+        metrics = {k: v for k, v in row.metrics.items() if v is not None}
+        model = self._logged_model(run_id, row, model_name)
+        self._log(run_id, metrics=metrics, tags={"hubquant.gate": "passed" if row.gate["passed"] else "failed",
+                                                  "hubquant.logged_model_id": model})
+        self._log(run_id, metrics=metrics, model_id=model)
+        if eval_json is not None and eval_json.is_file():
+            self.client.log_artifact(run_id, str(eval_json))
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.log_table({"variant": [row.label], **{k: [v] for k, v in row.metrics.items()}},
+                         artifact_file="eval_table.json", run_id=run_id)
+        return model
+
+    def _logged_model(self, run_id: str, row: "EvalRow", name: str) -> str:
+        found = self.client.search_logged_models(
+            experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=1)
+        if found:
+            return found[0].model_id
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        model = mlflow.create_external_model(
+            name=name, source_run_id=run_id, model_type="quantized-llm", experiment_id=self.experiment_id,
+            params={"format": row.format, "precision": row.precision,
+                    **{f"option.{k}": _clean(v) for k, v in row.options.items()}},
+            tags={FORMAT_TAG: row.format, PRECISION_TAG: row.precision, "hubquant.artifact_path": _clean(row.path)})
+        return model.model_id
+
+    def log_comparison(self, rows: list["EvalRow"], *, plot: Path | None = None) -> None:
+        """The whole comparison table (and the chart) on the parent run."""
+        import mlflow
+
+        assert self.parent_id
+        mlflow.set_tracking_uri(self.uri)
+        table: dict[str, list[Any]] = {"variant": [r.label for r in rows]}
+        for key in rows[0].metrics:
+            table[key] = [r.metrics.get(key) for r in rows]
+        table["gate"] = ["passed" if r.gate["passed"] else "failed" for r in rows]
+        mlflow.log_table(table, artifact_file="comparison.json", run_id=self.parent_id)
+        if plot is not None and plot.is_file():
+            self.client.log_artifact(self.parent_id, str(plot))
+
+    def close(self, *, interrupted: bool = False, crashed: bool = False) -> None:
+        """End every run still open: KILLED after Ctrl-C, FAILED after an error, else FINISHED.
+
+        The parent ends FAILED when any child failed.
+        """
+        leftover = "KILLED" if interrupted else "FAILED" if crashed else "FINISHED"
+        for run_id in list(self._open):
+            if run_id != self.parent_id:
+                self._failed = self._failed or leftover == "FAILED"
+                self._end(run_id, leftover)
+        if self.parent_id in self._open:
+            self._end(self.parent_id, "KILLED" if interrupted else "FAILED" if self._failed or crashed else "FINISHED")
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        interrupted = kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit))
+        try:
+            self.close(interrupted=interrupted, crashed=kind is not None and not interrupted)
+        except Exception:  # noqa: BLE001 - never hide the original error behind a tracking one
+            if kind is None:
+                raise
+            log.warning("could not close the MLflow runs", exc_info=True)
+
+    @property
+    def parent_url(self) -> str:
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent_id}"
+        return f"run {self.parent_id} in experiment '{self.experiment_name}' ({ui_hint(self.uri)})"
+
+
+def _github_tags() -> dict[str, str]:
+    """Run context when inside GitHub Actions (documented GITHUB_* variables only, never a token)."""
+    if os.environ.get("GITHUB_ACTIONS") != "true":
+        return {}
+    env = os.environ
+    tags = {f"github.{key.lower()}": env[f"GITHUB_{key}"] for key in
+            ("REPOSITORY", "WORKFLOW", "JOB", "RUN_ID", "RUN_ATTEMPT", "SHA", "REF", "ACTOR") if env.get(f"GITHUB_{key}")}
+    if env.get("GITHUB_SERVER_URL") and env.get("GITHUB_REPOSITORY") and env.get("GITHUB_RUN_ID"):
+        tags["github.run_url"] = f"{env['GITHUB_SERVER_URL']}/{env['GITHUB_REPOSITORY']}/actions/runs/{env['GITHUB_RUN_ID']}"
+    return tags
+
+
+def default_experiment(source: "SourceModel") -> str:
+    return f"hubquant/{source.name}"
+
+
+def open_tracker(source: "SourceModel", *, experiment: str | None = None, new_run: bool = False) -> Tracker:
+    """A tracker for ``source`` on the configured target (checked to be reachable first).
+
+    Raises:
+        MissingDependencyError: mlflow is not installed.
+        TrackingError: the server cannot be reached.
+    """
+    return Tracker(tracking_uri(), experiment=experiment or default_experiment(source), source=source,
+                   new_run=new_run)
+
+
+class LogCapture(logging.Handler):
+    """Collects hubquant's log lines (and progress lines) for a run's log artifact."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(redact(self.format(record)))
+
+    def progress(self, line: str) -> None:
+        self.lines.append(redact(f"{time.strftime('%Y-%m-%d %H:%M:%S')} PROGRESS {line}"))
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+    def __enter__(self) -> "LogCapture":
+        logging.getLogger("hubquant").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger("hubquant").removeHandler(self)
+
+
