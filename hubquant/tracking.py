@@ -86,12 +86,22 @@ class Tracker:
 
     # -- set-up -------------------------------------------------------------------------------
     def _check_reachable(self) -> None:
+        # One quick try: MLflow's default retries with back-off would keep a user waiting minutes.
+        quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+        saved = {k: os.environ.get(k) for k in quick}
+        os.environ.update(quick)
         try:
             self.client.search_experiments(max_results=1)
         except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a dead server
             raise TrackingError(
                 f"cannot reach the MLflow tracking server at {redact(self.uri)}: {type(exc).__name__}",
                 hint="start the server or fix MLFLOW_TRACKING_URI, or pass --no-track to run without tracking") from None
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)

