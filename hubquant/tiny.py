@@ -36,7 +36,7 @@ Style = Literal["phi3", "phi4"]
 STYLES: tuple[str, ...] = ("phi3", "phi4")
 
 #: Bump when the builder changes what it writes, so caches rebuild.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 
 VOCAB_SIZE = 2048  # rows of the embedding matrix (room for the specials, like Phi-3's 32064)
 BASE_VOCAB = 2000  # pieces learnt by the tokenizer trainer
@@ -169,8 +169,22 @@ def _train_bytelevel_bpe(text: str, folder: Path) -> None:
     wrapped.save_pretrained(folder)
 
 
+def _rope(hidden: int, heads: int, partial_rotary_factor: float, long_rope: bool) -> dict[str, object]:
+    """transformers 5 ``rope_parameters``; with ``long_rope`` the Phi-3.5/Phi-4-mini 128k scheme."""
+    rope: dict[str, object] = {"rope_type": "default", "rope_theta": 10000.0,
+                               "partial_rotary_factor": partial_rotary_factor}
+    if long_rope:
+        half = int(hidden // heads * partial_rotary_factor) // 2
+        rope.update(rope_type="longrope", original_max_position_embeddings=4096,
+                    # Shaped like the published factors: close to 1 for short contexts, growing
+                    # towards the low frequencies for long ones.
+                    short_factor=[round(1.0 + 0.02 * i, 4) for i in range(half)],
+                    long_factor=[round(1.0 + 1.5 * i, 4) for i in range(half)])
+    return rope
+
+
 def _train_model(folder: Path, *, style: str, seed: int, steps: int, hidden: int, ffn: int, layers: int,
-                 heads: int, tie_embeddings: bool) -> None:
+                 heads: int, tie_embeddings: bool, partial_rotary_factor: float, long_rope: bool) -> None:
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
@@ -182,8 +196,9 @@ def _train_model(folder: Path, *, style: str, seed: int, steps: int, hidden: int
     }
     config = Phi3Config(
         vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
-        original_max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+        num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=131072 if long_rope else 4096, original_max_position_embeddings=4096,
+        rope_parameters=_rope(hidden, heads, partial_rotary_factor, long_rope), rms_norm_eps=1e-5,
         tie_word_embeddings=tie_embeddings, sliding_window=None if style == "phi4" else 2047, **special,
     )
     model = Phi3ForCausalLM(config)
@@ -213,7 +228,7 @@ def _train_model(folder: Path, *, style: str, seed: int, steps: int, hidden: int
 
 def build_tiny_phi(output: str | Path, *, style: Style = "phi3", seed: int = 0, steps: int = 300,
                    hidden: int = 256, ffn: int = 768, layers: int = 2, heads: int = 4,
-                   tie_embeddings: bool = False) -> Path:
+                   tie_embeddings: bool = False, partial_rotary_factor: float = 1.0, long_rope: bool = False) -> Path:
     """Build a tiny Phi checkpoint into ``output`` (which must not exist) and return its path.
 
     Args:
@@ -224,6 +239,8 @@ def build_tiny_phi(output: str | Path, *, style: Style = "phi3", seed: int = 0, 
         hidden, ffn, layers, heads: model shape. Keep ``hidden`` and ``ffn`` multiples of 256 for
             llama.cpp K-quants.
         tie_embeddings: share the input embedding and LM head (Phi-4-mini style).
+        partial_rotary_factor: share of each head rotated by RoPE (Phi-4-mini: 0.75).
+        long_rope: the 128k "longrope" scheme with short and long factors (Phi-3.5, Phi-4-mini).
 
     Raises:
         RecipeError: unknown style.
@@ -240,7 +257,8 @@ def build_tiny_phi(output: str | Path, *, style: Style = "phi3", seed: int = 0, 
         else:
             _train_bytelevel_bpe(text[:600_000], folder)
         _train_model(folder, style=style, seed=seed, steps=steps, hidden=hidden, ffn=ffn, layers=layers,
-                     heads=heads, tie_embeddings=tie_embeddings)
+                     heads=heads, tie_embeddings=tie_embeddings, partial_rotary_factor=partial_rotary_factor,
+                     long_rope=long_rope)
         name = Path(output).name
         (folder / "README.md").write_text(MODEL_CARD.format(
             name=name, style_title=style.capitalize(), hidden=hidden, layers=layers, vocab=VOCAB_SIZE, steps=steps))

@@ -64,6 +64,13 @@ def tiny_phi4(model_store: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_phi4mini(model_store: Path) -> Path:
+    """Trained tiny Phi-4-mini-style model: BPE, tied embeddings, partial rotary 0.75, long-rope 128k."""
+    return _cached_model(model_store, "tiny-phi4mini", style="phi4", steps=300, tie_embeddings=True,
+                         partial_rotary_factor=0.75, long_rope=True)
+
+
+@pytest.fixture(scope="session")
 def untrained_phi3(model_store: Path) -> Path:
     """Random-weight tiny Phi-3-style model: enough for shape and error tests."""
     return _cached_model(model_store, "untrained-phi3", style="phi3", steps=0)

@@ -1,0 +1,234 @@
+"""MLX through mlx-lm (``mlx_lm.convert``), runnable on Linux CPUs with ``mlx[cpu]``.
+
+Correctness first: mlx-lm's ``phi3`` model reads only the top-level ``rope_theta``,
+``partial_rotary_factor`` and ``rope_scaling`` (with a ``type`` key), while configs saved by
+transformers 5 keep them under ``rope_parameters`` (with ``rope_type``). Converted as is, a
+Phi-4-mini-style model (partial rotary, long-rope) computes wrong numbers without any error. The
+exporter writes the keys mlx-lm reads into the *artifact's* ``config.json`` — never into the
+user's source folder.
+
+A limit that remains: mlx-lm's ``SuScaledRoPE`` applies the long-rope factors at every length,
+whereas the original switches from the short to the long factors past
+``original_max_position_embeddings``. A long-rope model therefore scores differently from the
+original on short texts; the exporter records this as a warning in the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from hubquant.errors import ExportError, MissingDependencyError, RecipeError
+from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Progress, Runner, register_exporter
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from hubquant.artifact import Artifact
+    from hubquant.source import SourceModel
+
+log = logging.getLogger(__name__)
+
+#: precision → (bits or None for a float dtype, float dtype name, mixed recipe or None)
+MLX_PRECISIONS: dict[str, tuple[int | None, str | None, str | None]] = {
+    "fp32": (None, "float32", None), "fp16": (None, "float16", None), "bf16": (None, "bfloat16", None),
+    "8bit": (8, None, None), "6bit": (6, None, None), "5bit": (5, None, None), "4bit": (4, None, None),
+    "3bit": (3, None, None), "2bit": (2, None, None),
+    "mixed_2_6": (2, None, "mixed_2_6"), "mixed_3_4": (3, None, "mixed_3_4"),
+    "mixed_3_6": (3, None, "mixed_3_6"), "mixed_4_6": (4, None, "mixed_4_6"),
+}
+
+
+class MLXOptions(ExporterOptions):
+    group_size: Literal[32, 64, 128] = Field(64, description="weights sharing one scale and bias (quantized precisions)")
+    rope_factors: Literal["long", "short"] = Field(
+        "long", description="long-rope models: factors mlx-lm applies at every length (long: right past "
+                            "original_max_position_embeddings; short: right below it)")
+
+
+@register_exporter
+class MLXExporter(Exporter):
+    name = "mlx"
+    description = "Apple MLX (mlx-lm on Apple silicon; mlx[cpu] on Linux)"
+    extra = "mlx"
+    precisions = {
+        "fp32": "32-bit float", "fp16": "16-bit float", "bf16": "bfloat16",
+        "8bit": "8-bit affine", "6bit": "6-bit affine", "5bit": "5-bit affine", "4bit": "4-bit affine",
+        "3bit": "3-bit affine", "2bit": "2-bit affine",
+        "mixed_2_6": "mlx-lm recipe: 2/6-bit mix", "mixed_3_4": "mlx-lm recipe: 3/4-bit mix",
+        "mixed_3_6": "mlx-lm recipe: 3/6-bit mix", "mixed_4_6": "mlx-lm recipe: 4/6-bit mix",
+    }
+    generic_precisions = {"int4": "4bit", "int8": "8bit", "fp16": "fp16", "fp32": "fp32"}
+    Options = MLXOptions
+
+    @classmethod
+    def check_combination(cls, precision: str, options: ExporterOptions) -> None:
+        assert isinstance(options, MLXOptions)
+        if MLX_PRECISIONS[precision][0] is None and options.group_size != 64:
+            raise RecipeError(f"group_size has no effect on MLX {precision}", key="options.group_size",
+                              hint="drop group_size, or pick a quantized precision such as 4bit")
+
+    def folder_name(self, source: "SourceModel", precision: str, options: dict[str, Any]) -> str:
+        quantized = MLX_PRECISIONS[precision][0] is not None
+        return (f"mlx-{precision}" + (f"-g{options['group_size']}" if quantized else "")
+                + ("-short-rope" if options.get("rope_factors") == "short" else ""))
+
+    @classmethod
+    def check_installed(cls) -> None:
+        try:
+            missing = [m for m in ("mlx", "mlx_lm") if importlib.util.find_spec(m) is None]
+            if not missing:
+                import mlx.core  # noqa: F401 - the wheel exists only where mlx can run
+        except (ImportError, ValueError) as exc:
+            missing = [f"a working mlx ({exc})"]
+        if missing:
+            raise MissingDependencyError(
+                f"the MLX exporter needs {', '.join(missing)}", extra=cls.extra,
+                hint='install it with: pip install "hubquant[mlx]" (Apple silicon, or Linux x86_64/arm64 with mlx[cpu])')
+
+    @classmethod
+    def tool_versions(cls) -> dict[str, str]:
+        versions = {}
+        for dist in ("mlx", "mlx-lm", "transformers"):
+            try:
+                versions[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                versions[dist] = "missing"
+        return versions
+
+    def export(self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path,
+               progress: Progress) -> dict[str, BaseException | None]:
+        self.check_installed()
+        results: dict[str, BaseException | None] = {}
+        for job in jobs:
+            progress(f"mlx {job.precision}: converting with mlx_lm.convert")
+            started = time.perf_counter()
+            try:
+                convert(source, job.folder, job.precision, group_size=job.options["group_size"],
+                        rope_factors=job.options["rope_factors"], scratch=work_dir / job.folder.name,
+                        warnings=job.warnings)
+                results[job.folder.name] = None
+            except Exception as exc:  # noqa: BLE001 - recorded per variant
+                results[job.folder.name] = exc
+            job.seconds = time.perf_counter() - started
+        return results
+
+    def runner(self, artifact: "Artifact", *, context_length: int) -> Runner:
+        self.check_installed()
+        return MLXRunner(artifact.path)
+
+
+def mlx_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The top-level rope keys mlx-lm's phi3 reads, from a transformers 5 ``rope_parameters``."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    keys: dict[str, Any] = {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        keys["rope_theta"] = rope["rope_theta"]
+    if "partial_rotary_factor" in rope and "partial_rotary_factor" not in config:
+        keys["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    kind = rope.get("rope_type") or rope.get("type")
+    if kind in ("longrope", "su", "linear"):
+        scaling = {"type": kind}
+        for name in ("long_factor", "short_factor", "factor", "long_mscale", "short_mscale"):
+            if name in rope:
+                scaling[name] = rope[name]
+        keys["rope_scaling"] = scaling
+        if "original_max_position_embeddings" in rope and "original_max_position_embeddings" not in config:
+            keys["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+    return keys
+
+
+def convert(source: "SourceModel", output: Path, precision: str, *, group_size: int, scratch: Path,
+            warnings: list[str], rope_factors: str = "long") -> Path:
+    """Convert with ``mlx_lm.convert`` into ``output`` (an existing empty folder) and fix the rope keys.
+
+    Raises:
+        ExportError: mlx-lm cannot convert this model.
+    """
+    from mlx_lm import convert as mlx_convert
+
+    bits, dtype, recipe = MLX_PRECISIONS[precision]
+    if dtype is None:  # quantized: non-quantized tensors keep a 16-bit float type
+        dtype = source.dtype if source.dtype in ("float16", "bfloat16") else "float16"
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):  # mlx-lm prints its progress; stdout stays ours
+            mlx_convert(hf_path=str(source.path), mlx_path=str(scratch), quantize=bits is not None,
+                        q_bits=bits, q_group_size=group_size if bits is not None else None, dtype=dtype,
+                        quant_predicate=recipe)
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
+        raise ExportError(f"mlx_lm.convert failed: {exc}", format="mlx", precision=precision,
+                          hint="check that mlx-lm supports this architecture") from None
+    finally:
+        log.debug("mlx_lm.convert: %s", captured.getvalue())
+    for item in scratch.iterdir():
+        shutil.move(str(item), output / item.name)
+    config_path = output / "config.json"
+    config = json.loads(config_path.read_text())
+    keys = mlx_rope_keys(config)
+    scaling = keys.get("rope_scaling") or {}
+    limit = keys.get("original_max_position_embeddings", config.get("original_max_position_embeddings", 4096))
+    if scaling.get("type") in ("longrope", "su") and scaling.get("long_factor") != scaling.get("short_factor"):
+        if rope_factors == "short":
+            # mlx-lm reads only long_factor: give it the short ones, exact below the limit.
+            scaling["long_factor"] = scaling["short_factor"]
+            warnings.append(f"rope_factors=short: exact below {limit} tokens; longer contexts use the short "
+                            "factors where the original switches to the long ones")
+        else:
+            warnings.append(f"mlx-lm applies the long-rope factors at every length; below {limit} tokens the "
+                            "original uses the short factors, so short-context scores differ from the original "
+                            "(rope_factors=short trades this the other way)")
+    if keys:
+        config.update(keys)
+        config_path.write_text(json.dumps(config, indent=4) + "\n")
+    return output
+
+
+class MLXRunner(Runner):
+    """mlx-lm's model, fed token ids directly."""
+
+    def __init__(self, path: Path) -> None:
+        import mlx.core as mx
+        from mlx_lm import load
+
+        self._mx = mx
+        self.model, self.tokenizer = load(str(path))
+
+    def logits(self, ids: Sequence[int]) -> "np.ndarray":
+        import numpy as np
+
+        mx = self._mx
+        out = self.model(mx.array([list(ids)]))[0].astype(mx.float32)
+        mx.eval(out)
+        return np.array(out, dtype=np.float32)
+
+    def timed_generation(self, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        mx = self._mx
+        cache = make_prompt_cache(self.model)
+        started = time.perf_counter()
+        logits = self.model(mx.array([list(prompt)]), cache=cache)
+        token = mx.argmax(logits[0, -1])
+        mx.eval(token)
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = self.model(token.reshape(1, 1), cache=cache)
+            token = mx.argmax(logits[0, -1])
+            mx.eval(token)
+        return prefill, time.perf_counter() - started
+
+    def close(self) -> None:
+        del self.model
