@@ -295,8 +295,11 @@ def _run_worker(job: dict[str, Any], work: Path) -> dict[str, Any]:
     spec_path = work / f"job-{time.perf_counter_ns()}.json"
     result_path = spec_path.with_suffix(".result.json")
     spec_path.write_text(json.dumps({**job, "result": str(result_path)}))
+    # The child runs this very hubquant, even when it is not the installed one.
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     completed = subprocess.run([sys.executable, "-m", "hubquant.eval_worker", str(spec_path)],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, env=env)
     if completed.returncode != 0 or not result_path.is_file():
         tail = (completed.stderr or "").strip().splitlines()[-3:]
         raise EvaluationError(f"evaluating {job.get('label')} failed: {' / '.join(tail) or 'no output'}",
@@ -384,7 +387,9 @@ def evaluate(artifacts: list["Artifact"], source: "SourceModel", *, text: EvalTe
     say = progress or (lambda line: None)
     for artifact in artifacts:
         check_artifact_source(artifact, source)
-        get_exporter(artifact.format).check_installed()
+        exporter = get_exporter(artifact.format)
+        exporter.check_installed()
+        exporter.check_runnable(artifact)
     weight_bytes = sum((source.path / name).stat().st_size for name in source.weight_files)
     with tempfile.TemporaryDirectory(prefix="hubquant-eval-") as tmp:
         work = Path(tmp)

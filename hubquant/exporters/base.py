@@ -153,6 +153,10 @@ class Exporter:
         """Raise MissingDependencyError when this format's libraries are missing."""
 
     @classmethod
+    def check_runnable(cls, artifact: "Artifact") -> None:
+        """Raise when this machine cannot run the artifact (e.g. built for a GPU target)."""
+
+    @classmethod
     def tool_versions(cls) -> dict[str, str]:
         """Versions of every tool that shapes this format's bytes (part of the cache key)."""
         return {}

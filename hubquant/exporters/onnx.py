@@ -1,0 +1,248 @@
+"""ONNX Runtime GenAI through its own model builder (``onnxruntime_genai.models.builder``).
+
+The builder runs as a child process: its peak memory (about 19 GiB for a 3.8B model in int4)
+leaves with it, its tracebacks become one clear error, and its progress goes to hubquant's log.
+The artifact folder is what ``onnxruntime_genai.Model(path)`` loads (``model.onnx``,
+``model.onnx.data``, ``genai_config.json``, tokenizer files and chat template). Folders follow
+Microsoft's naming, e.g. ``cpu-int4-rtn-block-32-acc-level-4``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from hubquant.errors import ExportError, MissingDependencyError, RecipeError
+from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Progress, Runner, register_exporter
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from hubquant.artifact import Artifact
+    from hubquant.source import SourceModel
+
+log = logging.getLogger(__name__)
+
+#: What each execution target can load and run (fp16/bf16 files for cpu fail at load or generation).
+TARGET_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "cpu": ("int4", "int8", "fp32"),
+    "cuda": ("int4", "int8", "fp16", "bf16"),
+    "dml": ("int4", "fp16"),
+    "webgpu": ("int4", "int8", "fp16"),
+}
+QUANTIZED = ("int4", "int8")
+
+
+class ONNXOptions(ExporterOptions):
+    target: Literal["cpu", "cuda", "dml", "webgpu"] = Field("cpu", description="execution provider the model is built for")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4/int8: weights per quantization block")
+    accuracy_level: int | None = Field(None, ge=0, le=4, description="int4/int8: MatMulNBits compute type (4=int8, 1=fp32; default 4 on cpu, 0 elsewhere)")
+    algo: Literal["rtn", "k_quant", "default"] = Field("rtn", description="int4/int8: quantization algorithm")
+    symmetric: bool = Field(True, description="int4/int8: symmetric (int) or asymmetric (uint) quantization")
+    quantize_lm_head: bool = Field(True, description="int4/int8: quantize the LM head too")
+    quantize_embeddings: bool = Field(False, description="int4/int8: quantize the embedding Gather too")
+    shared_embeddings: bool | None = Field(None, description="share embedding and LM head weights (default: as the model ties them)")
+
+
+@register_exporter
+class ONNXExporter(Exporter):
+    name = "onnx"
+    description = "ONNX Runtime GenAI (onnxruntime-genai; cpu, cuda, dml, webgpu)"
+    extra = "onnx"
+    precisions = {"int4": "4-bit MatMulNBits", "int8": "8-bit MatMulNBits", "fp16": "16-bit float (GPU targets)",
+                  "bf16": "bfloat16 (cuda)", "fp32": "32-bit float"}
+    generic_precisions = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
+    Options = ONNXOptions
+
+    @classmethod
+    def check_combination(cls, precision: str, options: ExporterOptions) -> None:
+        assert isinstance(options, ONNXOptions)
+        valid = TARGET_PRECISIONS[options.target]
+        if precision not in valid:
+            pairs = [f"{t}/{p}" for t, ps in TARGET_PRECISIONS.items() for p in ps]
+            raise RecipeError(f"ONNX {precision} cannot run on the {options.target} target", key="precision",
+                              allowed=pairs, hint=f"for {options.target} use one of: {', '.join(valid)} "
+                                                  f"(valid target/precision pairs: {', '.join(pairs)})")
+        quant_only = {"accuracy_level": None, "block_size": 32, "algo": "rtn", "symmetric": True,
+                      "quantize_lm_head": True, "quantize_embeddings": False}
+        if precision not in QUANTIZED:
+            for key, default in quant_only.items():
+                if getattr(options, key) != default:
+                    raise RecipeError(f"ONNX option {key} only applies to int4/int8", key=f"options.{key}",
+                                      hint=f"drop {key} for {precision}")
+
+    @staticmethod
+    def accuracy_level(precision: str, options: dict[str, Any]) -> int | None:
+        if precision not in QUANTIZED:
+            return None
+        level = options.get("accuracy_level")
+        return level if level is not None else (4 if options["target"] == "cpu" else 0)
+
+    def subfolder(self, precision: str, options: dict[str, Any]) -> str:
+        """Microsoft's folder name: ``{target}-{precision}[-{algo}-block-{n}][-acc-level-{k}]``."""
+        name = f"{options['target']}-{precision}"
+        if precision in QUANTIZED:
+            name += f"-{options['algo']}-block-{options['block_size']}"
+            level = self.accuracy_level(precision, options)
+            if level:
+                name += f"-acc-level-{level}"
+            if not options["symmetric"]:
+                name += "-asym"
+            if not options["quantize_lm_head"]:
+                name += "-fp-lm-head"
+            if options["quantize_embeddings"]:
+                name += "-q-embed"
+        if options.get("shared_embeddings") is not None:
+            name += "-shared-embed" if options["shared_embeddings"] else "-separate-embed"
+        return name
+
+    def folder_name(self, source: "SourceModel", precision: str, options: dict[str, Any]) -> str:
+        return f"onnx-{self.subfolder(precision, options)}"
+
+    @classmethod
+    def check_installed(cls) -> None:
+        try:
+            missing = [m for m in ("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir")
+                       if importlib.util.find_spec(m) is None]
+        except (ImportError, ValueError) as exc:
+            missing = [str(exc)]
+        if missing:
+            raise MissingDependencyError(f"the ONNX exporter needs {', '.join(missing)}", extra=cls.extra)
+
+    @classmethod
+    def tool_versions(cls) -> dict[str, str]:
+        versions = {}
+        for dist in ("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch"):
+            try:
+                versions[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                versions[dist] = "missing"
+        return versions
+
+    @staticmethod
+    def builder_input(source: "SourceModel", work_dir: Path) -> Path:
+        """The folder the builder reads: the source itself, or a view of it with a fixed config.
+
+        The 0.18 builder reads a long-rope model's mscale policy from ``rope_parameters["type"]``;
+        transformers 5 saves only ``rope_type`` there, and the builder then stops with
+        ``KeyError: 'type'``. The view links every source file and carries a config with both keys,
+        so the user's folder is never touched.
+        """
+        import json
+        import os
+
+        rope = source.config.get("rope_parameters")
+        if not isinstance(rope, dict) or rope.get("rope_type") != "longrope" or "type" in rope:
+            return source.path
+        view = work_dir / "builder-input"
+        view.mkdir(parents=True, exist_ok=True)
+        for item in source.path.iterdir():
+            if item.name != "config.json" and not (view / item.name).exists():
+                os.symlink(item, view / item.name)
+        config = dict(source.config, rope_parameters={**rope, "type": rope["rope_type"]})
+        (view / "config.json").write_text(json.dumps(config, indent=2))
+        return view
+
+    def builder_command(self, source: "SourceModel", output: Path, precision: str, options: dict[str, Any],
+                        cache: Path, input_dir: Path | None = None) -> list[str]:
+        """The builder's command line for one variant (exactly what a user would type)."""
+        extra: list[str] = []
+        if precision in QUANTIZED:
+            extra += [f"block_size={options['block_size']}", f"algo_config={options['algo']}",
+                      f"is_symmetric={str(options['symmetric']).lower()}",
+                      f"accuracy_level={self.accuracy_level(precision, options)}"]
+            if not options["quantize_lm_head"]:
+                extra.append("nodes_to_exclude=/lm_head/MatMul")
+            if options["quantize_embeddings"]:
+                extra.append("op_types_to_quantize=MatMul/Gather")
+        if options.get("shared_embeddings") is not None:
+            extra.append(f"shared_embeddings={str(options['shared_embeddings']).lower()}")
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(input_dir or source.path),
+                   "-o", str(output),
+                   "-p", precision, "-e", options["target"], "-c", str(cache)]
+        return command + (["--extra_options", *extra] if extra else [])
+
+    def export(self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path,
+               progress: Progress) -> dict[str, BaseException | None]:
+        self.check_installed()
+        results: dict[str, BaseException | None] = {}
+        input_dir = self.builder_input(source, work_dir)
+        for job in jobs:
+            progress(f"onnx {job.options['target']} {job.precision}: building with onnxruntime-genai's builder")
+            started = time.perf_counter()
+            command = self.builder_command(source, job.folder, job.precision, job.options, work_dir / "cache",
+                                           input_dir)
+            completed = subprocess.run(command, capture_output=True, text=True)
+            job.seconds = time.perf_counter() - started
+            log.debug("builder output:\n%s", completed.stdout[-20000:] + completed.stderr[-20000:])
+            if completed.returncode != 0 or not (job.folder / "genai_config.json").is_file():
+                lines = [line for line in completed.stderr.strip().splitlines() if line.strip()]
+                reason = lines[-1] if lines else f"exit code {completed.returncode}"
+                unsupported = "not currently supported" in completed.stderr or "NotImplementedError" in reason
+                results[job.folder.name] = ExportError(
+                    (f"onnxruntime-genai's builder cannot export {source.architecture}: {reason}" if unsupported
+                     else f"onnxruntime-genai's builder failed: {reason}"),
+                    format="onnx", precision=job.precision,
+                    hint="use another format for this model" if unsupported else
+                         "run with HUBQUANT_DEBUG=1 to see the builder's full output")
+                continue
+            results[job.folder.name] = None
+        return results
+
+    @classmethod
+    def check_runnable(cls, artifact: "Artifact") -> None:
+        target = artifact.manifest["variant"]["options"].get("target", "cpu")
+        if target != "cpu":
+            raise ExportError(f"{artifact.path.name} is built for {target}; hubquant evaluates cpu variants only",
+                              format="onnx", precision=artifact.precision,
+                              hint="evaluate the cpu variant, or skip this one")
+
+    def runner(self, artifact: "Artifact", *, context_length: int) -> Runner:
+        self.check_installed()
+        self.check_runnable(artifact)
+        return ONNXRunner(artifact.path, context_length=context_length)
+
+
+class ONNXRunner(Runner):
+    """onnxruntime-genai's Generator, fed token ids directly."""
+
+    def __init__(self, path: Path, *, context_length: int) -> None:
+        import onnxruntime_genai as og
+
+        self._og = og
+        self.model = og.Model(str(path))
+        self.context_length = context_length
+
+    def _generator(self, length: int) -> Any:
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(max_length=length, do_sample=False)
+        return self._og.Generator(self.model, params)
+
+    def logits(self, ids: Sequence[int]) -> "np.ndarray":
+        import numpy as np
+
+        generator = self._generator(len(ids) + 1)
+        generator.append_tokens(list(ids))
+        return np.array(generator.get_output("logits"), dtype=np.float32)[0]
+
+    def timed_generation(self, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+        generator = self._generator(len(prompt) + new_tokens + 1)
+        started = time.perf_counter()
+        generator.append_tokens(list(prompt))
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            generator.generate_next_token()
+        return prefill, time.perf_counter() - started
+
+    def close(self) -> None:
+        del self.model

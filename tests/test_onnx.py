@@ -1,0 +1,107 @@
+"""ONNX Runtime GenAI: the builder run for real, loaded and generated with onnxruntime-genai."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from hubquant.evaluate import TorchRunner, kl_divergence, perplexity, read_text, token_windows, tokenize
+from hubquant.exporters.onnx import ONNXRunner
+from hubquant.source import resolve_source
+
+pytestmark = pytest.mark.slow
+CONTEXT = 256
+
+
+def _build(model: Path, out: Path, *precisions: str, options: tuple[str, ...] = ()) -> list[dict]:
+    flags = [f for p in precisions for f in ("--precision", p)]
+    code, stdout, err = run_cli("quantize", str(model), "--format", "onnx", *flags, *options, "--output", str(out),
+                                "--json", "--no-track")
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+def _generate(path: Path) -> str:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(path))
+    tokenizer = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=64, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(tokenizer.encode("A list keeps items"))
+    for _ in range(6):
+        generator.generate_next_token()
+    return tokenizer.decode(generator.get_sequence(0))
+
+
+def _kl_and_ppl(model: Path, artifact: Path) -> tuple[float, float, float]:
+    source = resolve_source(model)
+    windows = token_windows(tokenize(source, read_text(None)), CONTEXT)
+    reference, runner = TorchRunner(source), ONNXRunner(artifact, context_length=CONTEXT)
+    kl = float(np.concatenate([kl_divergence(reference.logits(w), runner.logits(w)) for w in windows]).mean())
+    return perplexity(reference, windows), perplexity(runner, windows), kl
+
+
+def test_phi3_style_cpu_variants(tiny_phi3: Path, tmp_path: Path) -> None:
+    built = _build(tiny_phi3, tmp_path / "a", "int4", "int8", "fp32")
+    built += _build(tiny_phi3, tmp_path / "a", "int4", options=("--option", "block_size=128"))
+    paths = {Path(a["path"]).name: Path(a["path"]) for a in built}
+    assert set(paths) == {"onnx-cpu-int4-rtn-block-32-acc-level-4", "onnx-cpu-int8-rtn-block-32-acc-level-4",
+                          "onnx-cpu-fp32", "onnx-cpu-int4-rtn-block-128-acc-level-4"}
+    for path in paths.values():
+        assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= {p.name for p in path.iterdir()}
+        assert "<|user|>" in (path / "chat_template.jinja").read_text()
+        assert _generate(path)
+    ref, fp32, kl_fp32 = _kl_and_ppl(tiny_phi3, paths["onnx-cpu-fp32"])
+    assert abs(fp32 - ref) / ref < 0.001 and kl_fp32 < 1e-6
+    _, _, kl_int8 = _kl_and_ppl(tiny_phi3, paths["onnx-cpu-int8-rtn-block-32-acc-level-4"])
+    _, _, kl_int4 = _kl_and_ppl(tiny_phi3, paths["onnx-cpu-int4-rtn-block-32-acc-level-4"])
+    assert kl_fp32 < kl_int8 < kl_int4
+
+
+def test_phi4_style_and_long_rope(tiny_phi4: Path, tiny_phi4mini: Path, tmp_path: Path) -> None:
+    built = _build(tiny_phi4, tmp_path / "b", "int4", "fp32")
+    for artifact in built:
+        assert _generate(Path(artifact["path"]))
+    ref, fp32, _ = _kl_and_ppl(tiny_phi4, Path(built[1]["path"]))
+    assert abs(fp32 - ref) / ref < 0.001
+    # Phi-4-mini shape: tied embeddings, partial rotary, 128k long-rope.
+    built = _build(tiny_phi4mini, tmp_path / "c", "int4", "fp32")
+    assert _generate(Path(built[0]["path"]))
+    config = json.loads((Path(built[1]["path"]) / "genai_config.json").read_text())
+    assert config["model"]["context_length"] == 131072
+    ref, fp32, _ = _kl_and_ppl(tiny_phi4mini, Path(built[1]["path"]))
+    assert abs(fp32 - ref) / ref < 0.001, (ref, fp32)
+
+
+def test_gpu_target_builds(untrained_phi3: Path, tmp_path: Path) -> None:
+    built = _build(untrained_phi3, tmp_path / "d", "fp16", options=("--option", "target=cuda"))
+    path = Path(built[0]["path"])
+    assert path.name == "onnx-cuda-fp16"
+    config = json.loads((path / "genai_config.json").read_text())
+    assert "cuda" in json.dumps(config["model"]["decoder"]["session_options"]).lower()
+    code, _, err = run_cli("eval", str(path), "--no-track")
+    assert code == 1 and "built for cuda" in err
+
+
+def test_invalid_combinations_and_builder_failure(untrained_phi3: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--format", "onnx", "--precision", "fp16",
+                           "--output", str(out), "--no-track")
+    assert code == 1 and "cannot run on the cpu target" in err and "cuda/fp16" in err
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--format", "onnx", "--precision", "int4",
+                           "--option", "int4_block_size=32", "--output", str(out), "--no-track")
+    assert code == 1 and "no option 'int4_block_size'" in err and "block_size" in err
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--format", "onnx", "--precision", "fp32",
+                           "--option", "block_size=64", "--output", str(out), "--no-track")
+    assert code == 1 and "only applies to int4/int8" in err
+    # The builder itself refuses: shared embeddings on a model whose embeddings are not tied.
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--format", "onnx", "--precision", "int4",
+                           "--option", "shared_embeddings=true", "--output", str(out), "--no-track")
+    assert code == 1 and "Traceback" not in err and "builder failed" in err and "shared_embeddings" in err
+    assert not out.exists()
