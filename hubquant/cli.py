@@ -113,10 +113,14 @@ def formats(as_json: bool) -> None:
         click.echo(f"  generic precisions: {generic}")
         click.echo("  precisions:")
         for name, text in entry["precisions"].items():
-            click.echo(f"    {name:<8} {text}")
+            click.echo(f"    {name:<9} {text}")
+        if entry.get("targets"):
+            click.echo("  targets (--option target=…):")
+            for target, allowed in entry["targets"].items():
+                click.echo(f"    {target:<9} {', '.join(allowed)}")
         click.echo("  options (--option KEY=VALUE):")
         for option in entry["options"]:
-            click.echo(f"    {option['name']:<17} default {option['default']!r:<6} {option['help']}")
+            click.echo(f"    {option['name']:<19} default {option['default']!r:<6} {option['help']}")
 
 
 def _print_results(result: Any, as_json: bool) -> None:

@@ -89,6 +89,15 @@ def test_gpu_target_builds(untrained_phi3: Path, tmp_path: Path) -> None:
     assert code == 1 and "built for cuda" in err
 
 
+def test_formats_lists_targets_and_options() -> None:
+    code, out, _ = run_cli("formats")
+    assert code == 0
+    section = out[out.index("onnx:"):]
+    for needle in ("targets", "cpu", "int4, int8, fp32", "cuda", "block_size", "accuracy_level", "algo",
+                   "quantize_lm_head", "default 32"):
+        assert needle in section, needle
+
+
 def test_invalid_combinations_and_builder_failure(untrained_phi3: Path, tmp_path: Path) -> None:
     out = tmp_path / "e"
     code, _, err = run_cli("quantize", str(untrained_phi3), "--format", "onnx", "--precision", "fp16",

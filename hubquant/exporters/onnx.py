@@ -80,6 +80,10 @@ class ONNXExporter(Exporter):
                     raise RecipeError(f"ONNX option {key} only applies to int4/int8", key=f"options.{key}",
                                       hint=f"drop {key} for {precision}")
 
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {**super().describe(), "targets": {t: list(p) for t, p in TARGET_PRECISIONS.items()}}
+
     @staticmethod
     def accuracy_level(precision: str, options: dict[str, Any]) -> int | None:
         if precision not in QUANTIZED:

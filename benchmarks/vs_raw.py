@@ -1,0 +1,107 @@
+"""hubquant against each format's own tool: same model, same machine, same run.
+
+For each format, wall time and peak RSS of the raw tool and of ``hubquant quantize`` building
+the same variants (hubquant also hashes the files and writes the manifest):
+
+  gguf  raw: convert-hf-to-gguf --outtype f16, llama_model_quantize F16→Q4_K_M, convert-hf-to-gguf --outtype q8_0
+        hubquant: --format gguf --precision Q4_K_M --precision Q8_0
+  onnx  raw: python -m onnxruntime_genai.models.builder -p int4 -e cpu (block 32, acc-level 4, rtn)
+        hubquant: --format onnx --precision int4
+  mlx   raw: python -m mlx_lm convert -q --q-bits 4 --q-group-size 64
+        hubquant: --format mlx --precision 4bit
+
+Each step runs in its own process (peak RSS from wait4, children included); the table reports
+medians of --repeat runs and the ratio hubquant / raw.
+
+    python benchmarks/vs_raw.py [--format gguf onnx mlx] [--model DIR] [--repeat 3]
+
+Without --model it uses the tiny Phi-3-style checkpoint (built once and cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RAW_QUANTIZE = """
+import ctypes, sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+params.nthread = 0
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
+
+
+def measure(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one command and the children it waited for."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(command)}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def raw_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
+    if fmt == "gguf":
+        converter = shutil.which("convert-hf-to-gguf")
+        return [[converter, str(model), "--outtype", "f16", "--outfile", str(work / "f16.gguf")],
+                [sys.executable, "-c", RAW_QUANTIZE, str(work / "f16.gguf"), str(work / "q4_k_m.gguf")],
+                [converter, str(model), "--outtype", "q8_0", "--outfile", str(work / "q8_0.gguf")]]
+    if fmt == "onnx":
+        return [[sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(work / "o"),
+                 "-p", "int4", "-e", "cpu", "-c", str(work / "cache"), "--extra_options", "block_size=32",
+                 "accuracy_level=4", "algo_config=rtn"]]
+    return [[sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model), "--mlx-path", str(work / "m"),
+             "-q", "--q-bits", "4", "--q-group-size", "64"]]
+
+
+def hubquant_step(fmt: str, model: Path, work: Path) -> list[str]:
+    precisions = {"gguf": ["Q4_K_M", "Q8_0"], "onnx": ["int4"], "mlx": ["4bit"]}[fmt]
+    flags = [f for p in precisions for f in ("--precision", p)]
+    return [shutil.which("hubquant"), "quantize", str(model), "--format", fmt, *flags, "--output", str(work / "out"),
+            "--force", "--no-track"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--format", nargs="+", default=["gguf", "onnx", "mlx"], choices=["gguf", "onnx", "mlx"])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    if args.model is None:
+        from hubquant.tiny import tiny_phi
+
+        args.model = tiny_phi("phi3")
+    print(f"model: {args.model}  repeats: {args.repeat}  cores: {os.cpu_count()}")
+    print(f"{'format':<6} {'path':<9} {'wall s':>8} {'peak MiB':>9}   ratio hubquant/raw")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in args.format:
+            rows: dict[str, list[tuple[float, float]]] = {"raw": [], "hubquant": []}
+            for index in range(args.repeat):
+                for name in ("raw", "hubquant"):
+                    work = Path(tmp) / f"{fmt}-{name}-{index}"
+                    work.mkdir()
+                    if name == "raw":
+                        results = [measure(step) for step in raw_steps(fmt, args.model, work)]
+                        rows[name].append((sum(r[0] for r in results), max(r[1] for r in results)))
+                    else:
+                        rows[name].append(measure(hubquant_step(fmt, args.model, work)))
+                    shutil.rmtree(work)
+            wall = {k: statistics.median(r[0] for r in v) for k, v in rows.items()}
+            peak = {k: statistics.median(r[1] for r in v) for k, v in rows.items()}
+            for name in rows:
+                print(f"{fmt:<6} {name:<9} {wall[name]:>8.2f} {peak[name]:>9.0f}")
+            print(f"{fmt:<6} {'':<9} wall {wall['hubquant'] / wall['raw']:.2f}x, peak memory {peak['hubquant'] / peak['raw']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
