@@ -113,3 +113,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server
     server.stop()
+
+
+def quantize_json(model: Path, out: Path, fmt: str, *precisions: str, options: tuple[str, ...] = ()) -> list[dict]:
+    """``hubquant quantize --json`` through the CLI, untracked; asserts success and returns the artifacts."""
+    import json
+
+    flags = [f for p in precisions for f in ("--precision", p)]
+    code, stdout, err = run_cli("quantize", str(model), "--format", fmt, *flags, *options, "--output", str(out),
+                                "--json", "--no-track")
+    assert code == 0, err
+    return json.loads(stdout)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import quantize_json, run_cli
 from hubquant.artifact import load_artifact
 from hubquant.evaluate import TorchRunner, kl_divergence, perplexity, read_text, token_windows, tokenize
 from hubquant.exporters.mlx import MLXRunner
@@ -21,11 +21,7 @@ CONTEXT = 256
 
 
 def _build(model: Path, out: Path, *precisions: str, options: tuple[str, ...] = ()) -> list[dict]:
-    flags = [f for p in precisions for f in ("--precision", p)]
-    code, stdout, err = run_cli("quantize", str(model), "--format", "mlx", *flags, *options, "--output", str(out),
-                                "--json", "--no-track")
-    assert code == 0, err
-    return json.loads(stdout)
+    return quantize_json(model, out, "mlx", *precisions, options=options)
 
 
 def _compare(model: Path, artifact_dir: Path) -> tuple[float, float, float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import quantize_json, run_cli
 from hubquant.evaluate import TorchRunner, kl_divergence, perplexity, read_text, token_windows, tokenize
 from hubquant.exporters.onnx import ONNXRunner
 from hubquant.source import resolve_source
@@ -18,11 +18,7 @@ CONTEXT = 256
 
 
 def _build(model: Path, out: Path, *precisions: str, options: tuple[str, ...] = ()) -> list[dict]:
-    flags = [f for p in precisions for f in ("--precision", p)]
-    code, stdout, err = run_cli("quantize", str(model), "--format", "onnx", *flags, *options, "--output", str(out),
-                                "--json", "--no-track")
-    assert code == 0, err
-    return json.loads(stdout)
+    return quantize_json(model, out, "onnx", *precisions, options=options)
 
 
 def _generate(path: Path) -> str:

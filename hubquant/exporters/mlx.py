@@ -16,7 +16,6 @@ original on short texts; the exporter records this as a warning in the manifest.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import io
 import json
@@ -71,6 +70,7 @@ class MLXExporter(Exporter):
     }
     generic_precisions = {"int4": "4bit", "int8": "8bit", "fp16": "fp16", "fp32": "fp32"}
     Options = MLXOptions
+    tool_distributions = ("mlx", "mlx-lm", "transformers")
 
     @classmethod
     def check_combination(cls, precision: str, options: ExporterOptions) -> None:
@@ -96,16 +96,6 @@ class MLXExporter(Exporter):
             raise MissingDependencyError(
                 f"the MLX exporter needs {', '.join(missing)}", extra=cls.extra,
                 hint='install it with: pip install "hubquant[mlx]" (Apple silicon, or Linux x86_64/arm64 with mlx[cpu])')
-
-    @classmethod
-    def tool_versions(cls) -> dict[str, str]:
-        versions = {}
-        for dist in ("mlx", "mlx-lm", "transformers"):
-            try:
-                versions[dist] = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                versions[dist] = "missing"
-        return versions
 
     def export(self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path,
                progress: Progress) -> dict[str, BaseException | None]:

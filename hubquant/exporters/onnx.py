@@ -9,7 +9,6 @@ Microsoft's naming, e.g. ``cpu-int4-rtn-block-32-acc-level-4``.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import logging
 import subprocess
@@ -62,6 +61,7 @@ class ONNXExporter(Exporter):
                   "bf16": "bfloat16 (cuda)", "fp32": "32-bit float"}
     generic_precisions = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
     Options = ONNXOptions
+    tool_distributions = ("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch")
 
     @classmethod
     def check_combination(cls, precision: str, options: ExporterOptions) -> None:
@@ -121,16 +121,6 @@ class ONNXExporter(Exporter):
             missing = [str(exc)]
         if missing:
             raise MissingDependencyError(f"the ONNX exporter needs {', '.join(missing)}", extra=cls.extra)
-
-    @classmethod
-    def tool_versions(cls) -> dict[str, str]:
-        versions = {}
-        for dist in ("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch"):
-            try:
-                versions[dist] = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                versions[dist] = "missing"
-        return versions
 
     @staticmethod
     def builder_input(source: "SourceModel", work_dir: Path) -> Path:
