@@ -78,9 +78,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     if args.model is None:
-        from hubquant.tiny import tiny_phi
-
-        args.model = tiny_phi("phi3")
+        # Built in a child: Linux carries a parent's RSS high-water mark into every child it forks,
+        # so this process must stay small for the children's peak RSS to be their own.
+        args.model = Path(subprocess.run([sys.executable, "-c", "from hubquant.tiny import tiny_phi; print(tiny_phi('phi3'))"],
+                                         capture_output=True, text=True, check=True).stdout.strip())
     print(f"model: {args.model}  repeats: {args.repeat}  cores: {os.cpu_count()}")
     print(f"{'format':<6} {'path':<9} {'wall s':>8} {'peak MiB':>9}   ratio hubquant/raw")
     with tempfile.TemporaryDirectory() as tmp:
