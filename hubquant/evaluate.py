@@ -275,6 +275,8 @@ class EvalRow:
     reference: bool = False
     gate: dict[str, Any] = field(default_factory=lambda: {"passed": True, "reasons": []})
     options: dict[str, Any] = field(default_factory=dict)
+    #: Caveats the exporter recorded in the manifest (fallback tensors, rope limits …).
+    warnings: list[str] = field(default_factory=list)
 
 
 def machine_facts() -> dict[str, Any]:
@@ -415,7 +417,8 @@ def evaluate(artifacts: list["Artifact"], source: "SourceModel", *, text: EvalTe
             size = artifact.size_bytes
             ppl = result["perplexity"]
             row = EvalRow(label=label, format=artifact.format, precision=artifact.precision, path=str(artifact.path),
-                          options=artifact.manifest["variant"]["options"], metrics={
+                          options=artifact.manifest["variant"]["options"],
+                          warnings=list(artifact.manifest.get("warnings", [])), metrics={
                               "size_bytes": size, "bits_per_weight": size * 8 / source.parameter_count,
                               "compression_ratio": weight_bytes / size, "perplexity": ppl,
                               "ppl_delta": ppl - base_ppl, "ppl_delta_pct": 100.0 * (ppl - base_ppl) / base_ppl,
@@ -450,6 +453,7 @@ def write_eval_json(artifact: "Artifact", row: EvalRow, *, source: "SourceModel"
         "metrics": row.metrics,
         "reference": reference_row.metrics,
         "gate": row.gate,
+        "warnings": row.warnings,
         # How long measuring took: the whole child process, and the part that was the runtime's
         # forward passes over the windows (the rest is loading, the speed test and scoring).
         "timing": timing,
@@ -470,7 +474,7 @@ def rows_as_json(rows: list[EvalRow], *, text: EvalText, settings: EvalSettings)
                      "prompt_tokens": settings.prompt_tokens, "gen_tokens": settings.gen_tokens},
         "machine": machine_facts(),
         "rows": [{"label": r.label, "format": r.format, "precision": r.precision, "reference": r.reference,
-                  "path": r.path, "metrics": r.metrics, "gate": r.gate} for r in rows],
+                  "path": r.path, "metrics": r.metrics, "gate": r.gate, "warnings": r.warnings} for r in rows],
     }
 
 
@@ -493,6 +497,9 @@ def render_table(rows: list[EvalRow]) -> str:
             f"{_fmt(m['ppl_delta_pct'], '+.2f') + '%':>7} {_fmt(m['kl_mean'], '.2e'):>8} {_fmt(m['kl_p99'], '.2e'):>8} "
             f"{_fmt(100 * m['top1_agreement'], '.1f') + '%':>6} {_fmt(m['prefill_tokens_per_second'], '.0f'):>7} "
             f"{_fmt(m['decode_tokens_per_second'], '.0f'):>7} {_fmt(m['peak_rss_mb'], '.0f'):>6}")
+    for row in rows:
+        for warning in row.warnings:
+            lines.append(f"! {row.label}: {warning}")
     failed = [r for r in rows if not r.gate["passed"]]
     for row in failed:
         lines.append(f"✗ {row.label}: fails the quality gate ({'; '.join(row.gate['reasons'])})")

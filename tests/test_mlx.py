@@ -69,7 +69,9 @@ def test_both_tokenizer_styles_build_load_and_generate(style: str, request: pyte
 
 def test_phi4_mini_rope_is_right(tiny_phi4mini: Path, tmp_path: Path) -> None:
     source_config = (tiny_phi4mini / "config.json").read_text()
-    built = _build(tiny_phi4mini, tmp_path / "long", "fp16")
+    built = _build(tiny_phi4mini, tmp_path / "long", "fp16", "4bit", "8bit")
+    for artifact in built[1:]:
+        _generates(Path(artifact["path"]))
     long_dir = Path(built[0]["path"])
     config = json.loads((long_dir / "config.json").read_text())
     # The keys mlx-lm reads are written into the artifact, never into the source.
@@ -97,6 +99,12 @@ def test_phi4_mini_rope_is_right(tiny_phi4mini: Path, tmp_path: Path) -> None:
     assert kl_short < 1e-4 < kl_raw, (kl_short, kl_raw)
     _, _, kl_long = _compare(tiny_phi4mini, long_dir)
     assert kl_short < kl_long  # the default is right for long contexts, not for this short text
+    # The evaluation carries the caveat into its table and eval.json.
+    code, out, err = run_cli("eval", str(long_dir), "--context", "64", "--max-windows", "1", "--prompt-tokens", "8",
+                             "--gen-tokens", "2", "--no-track")
+    assert code == 0, err
+    assert "! mlx fp16: mlx-lm applies the long-rope factors" in out
+    assert json.loads((long_dir / "eval.json").read_text())["warnings"]
 
 
 def test_bad_options_and_missing_mlx(untrained_phi3: Path, tmp_path: Path) -> None:

@@ -60,19 +60,22 @@ def test_phi3_style_cpu_variants(tiny_phi3: Path, tmp_path: Path) -> None:
     assert kl_fp32 < kl_int8 < kl_int4
 
 
-def test_phi4_style_and_long_rope(tiny_phi4: Path, tiny_phi4mini: Path, tmp_path: Path) -> None:
-    built = _build(tiny_phi4, tmp_path / "b", "int4", "fp32")
+@pytest.mark.parametrize("style", ["phi4", "phi4mini"])
+def test_phi4_style_and_long_rope(style: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Byte-level BPE; and the Phi-4-mini shape: tied embeddings, partial rotary, 128k long-rope."""
+    model = request.getfixturevalue(f"tiny_{style}")
+    built = _build(model, tmp_path / "b", "int4", "int8", "fp32")
+    built += _build(model, tmp_path / "b", "int4", options=("--option", "block_size=128"))
+    assert len({a["path"] for a in built}) == 4
     for artifact in built:
         assert _generate(Path(artifact["path"]))
-    ref, fp32, _ = _kl_and_ppl(tiny_phi4, Path(built[1]["path"]))
-    assert abs(fp32 - ref) / ref < 0.001
-    # Phi-4-mini shape: tied embeddings, partial rotary, 128k long-rope.
-    built = _build(tiny_phi4mini, tmp_path / "c", "int4", "fp32")
-    assert _generate(Path(built[0]["path"]))
-    config = json.loads((Path(built[1]["path"]) / "genai_config.json").read_text())
-    assert config["model"]["context_length"] == 131072
-    ref, fp32, _ = _kl_and_ppl(tiny_phi4mini, Path(built[1]["path"]))
-    assert abs(fp32 - ref) / ref < 0.001, (ref, fp32)
+    fp32 = Path(built[2]["path"])
+    ref, value, _ = _kl_and_ppl(model, fp32)
+    assert abs(value - ref) / ref < 0.001, (ref, value)
+    if style == "phi4mini":
+        config = json.loads((fp32 / "genai_config.json").read_text())
+        assert config["model"]["context_length"] == 131072
+        assert "type" not in json.loads((model / "config.json").read_text())["rope_parameters"], "source untouched"
 
 
 def test_gpu_target_builds(untrained_phi3: Path, tmp_path: Path) -> None:
