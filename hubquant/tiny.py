@@ -23,8 +23,6 @@ import json
 import logging
 import os
 import shutil
-import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Literal
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from hubquant.evaluate import METRICS, reference_cache_dir
+from hubquant.evaluate import METRICS
 from hubquant.pipeline import quantize
 from hubquant.recipe import build_recipe
 
