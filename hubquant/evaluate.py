@@ -58,7 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TEXT = "calibration.txt"
+BUILTIN_TEXT = "eval.txt"
+#: Calibration (importance matrices) uses a different built-in text, so no variant is scored on
+#: the words it was calibrated with.
+BUILTIN_CALIBRATION_TEXT = "calibration.txt"
 EVAL_FILE = "eval.json"
 EVAL_SCHEMA = "hubquant.eval/1"
 #: Bump when a metric's computation changes: cached references are rebuilt.
@@ -92,14 +95,14 @@ class EvalText:
         return hashlib.sha256(self.content.encode("utf-8")).hexdigest()
 
 
-def read_text(path: str | Path | None) -> str:
-    """The text at ``path``, or hubquant's built-in text when ``path`` is None.
+def read_text(path: str | Path | None, *, builtin: str = BUILTIN_TEXT) -> str:
+    """The text at ``path``, or the built-in text ``builtin`` (evaluation by default) when ``path`` is None.
 
     Raises:
         EvaluationError: unreadable or empty text.
     """
     if path is None:
-        return importlib.resources.files("hubquant.data").joinpath(BUILTIN_TEXT).read_text(encoding="utf-8")
+        return importlib.resources.files("hubquant.data").joinpath(builtin).read_text(encoding="utf-8")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

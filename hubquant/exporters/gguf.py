@@ -63,7 +63,7 @@ _LEGACY_FALLBACKS = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16", "B
 
 class GGUFOptions(ExporterOptions):
     imatrix: bool = Field(False, description="compute an importance matrix on the calibration text and quantize with it")
-    calibration_text: str | None = Field(None, description="text file for the importance matrix (default: hubquant's built-in text)")
+    calibration_text: str | None = Field(None, description="text file for the importance matrix (default: hubquant's built-in calibration text)")
     imatrix_context: int = Field(512, ge=16, le=8192, description="tokens per window when computing the importance matrix")
     pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer for a BPE vocabulary it does not recognise (e.g. gpt-4o)")
 
@@ -385,9 +385,9 @@ def compute_imatrix(source: "SourceModel", *, calibration_text: str | None, cont
     from conversion import ModelType, get_model_architecture, get_model_class
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hubquant.evaluate import read_text, token_windows
+    from hubquant.evaluate import BUILTIN_CALIBRATION_TEXT, read_text, token_windows
 
-    text = read_text(calibration_text)
+    text = read_text(calibration_text, builtin=BUILTIN_CALIBRATION_TEXT)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     windows = token_windows(ids, context)
