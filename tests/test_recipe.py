@@ -74,11 +74,12 @@ def test_missing_variants_and_duplicates() -> None:
                                                     {"format": "gguf", "precision": "Q4_K_M"}]})
 
 
-def test_iq2_needs_an_importance_matrix() -> None:
+@pytest.mark.parametrize("precision", ["IQ2_XS", "IQ3_XS", "IQ1_M", "Q2_K_S"])
+def test_low_bit_types_need_an_importance_matrix(precision: str) -> None:
     with pytest.raises(RecipeError) as info:
-        build_recipe(_recipe(precision="IQ2_XS"))
+        build_recipe(_recipe(precision=precision))
     assert "importance matrix" in info.value.message and "imatrix=true" in info.value.hint
-    build_recipe(_recipe(precision="IQ2_XS", options={"imatrix": True}))
+    build_recipe(_recipe(precision=precision, options={"imatrix": True}))
 
 
 def test_imatrix_is_dropped_for_converter_types() -> None:

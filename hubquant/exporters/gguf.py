@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import importlib.util
@@ -50,12 +51,12 @@ QUANTIZE_TYPES = {
     "IQ1_S": "1.56 bpw (needs imatrix)", "IQ1_M": "1.75 bpw (needs imatrix)",
     "IQ2_XXS": "2.06 bpw (needs imatrix)", "IQ2_XS": "2.31 bpw (needs imatrix)",
     "IQ2_S": "2.5 bpw (needs imatrix)", "IQ2_M": "2.7 bpw (needs imatrix)",
-    "IQ3_XXS": "3.06 bpw (needs imatrix)", "IQ3_XS": "3.3 bpw", "IQ3_S": "3.44 bpw", "IQ3_M": "3.66 bpw",
+    "IQ3_XXS": "3.06 bpw (needs imatrix)", "IQ3_XS": "3.3 bpw (needs imatrix)", "IQ3_S": "3.44 bpw", "IQ3_M": "3.66 bpw",
     "IQ4_NL": "4.50 bpw non-linear", "IQ4_XS": "4.25 bpw non-linear",
     "TQ1_0": "1.69 bpw ternary", "TQ2_0": "2.06 bpw ternary",
 }
 #: Types whose tensors llama.cpp refuses to quantize without an importance matrix.
-NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"})
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
 #: Types built from 256-wide super-blocks; rows of other widths silently fall back to legacy types.
 SUPERBLOCK_TYPES = frozenset(t for t in QUANTIZE_TYPES if "_K" in t or t.startswith(("IQ", "TQ"))) - {"IQ4_NL"}
 _LEGACY_FALLBACKS = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16", "BF16", "F32"}
@@ -286,6 +287,8 @@ def convert(source: "SourceModel", output: Path, precision: str, *, pre_tokenize
 
 # -- the quantizer -----------------------------------------------------------------------------
 _LOG_CALLBACK = None
+#: The last lines llama.cpp logged, so a failure can say why.
+_RECENT_LOG: "collections.deque[str]" = collections.deque(maxlen=40)
 
 
 def _route_llama_logs() -> None:
@@ -299,7 +302,9 @@ def _route_llama_logs() -> None:
 
     @llama_cpp.llama_log_callback
     def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:  # pragma: no cover - C calls it
-        llama_log.debug(text.decode("utf-8", errors="replace").rstrip())
+        line = text.decode("utf-8", errors="replace").rstrip()
+        _RECENT_LOG.append(line)
+        llama_log.debug(line)
 
     _LOG_CALLBACK = _callback
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
@@ -340,12 +345,16 @@ def quantize(intermediate: Path, output: Path, precision: str, *, imatrix: dict[
         keep_alive.append(entries)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     started = time.perf_counter()
+    _RECENT_LOG.clear()
     status = llama_cpp.llama_model_quantize(str(intermediate).encode(), str(output).encode(), ctypes.byref(params))
     if status != 0 or not output.is_file():
-        hint = ("this type needs an importance matrix: add --option imatrix=true" if precision in NEEDS_IMATRIX and not imatrix
-                else "run with HUBQUANT_DEBUG=1 to see llama.cpp's log")
-        raise ExportError(f"llama_model_quantize failed for {precision} (status {status})", format="gguf",
-                          precision=precision, hint=hint)
+        logged = " ".join(_RECENT_LOG)
+        if "requires an imatrix" in logged or "importance matrix" in logged:
+            raise ExportError(f"llama.cpp needs an importance matrix for {precision}", format="gguf",
+                              precision=precision, hint="add --option imatrix=true")
+        reason = next((line.strip() for line in reversed(_RECENT_LOG) if "fail" in line.lower()), f"status {status}")
+        raise ExportError(f"llama_model_quantize failed for {precision}: {reason}", format="gguf",
+                          precision=precision, hint="run with HUBQUANT_DEBUG=1 to see llama.cpp's log")
     log.info("gguf %s: quantized in %.1f s", precision, time.perf_counter() - started)
     return output
 
