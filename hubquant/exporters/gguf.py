@@ -162,6 +162,15 @@ class GGUFExporter(Exporter):
                 intermediates[pre] = f16  # the F16 variant itself serves as the intermediate
                 shared_seconds[pre] = f16_job.seconds
                 continue
+            # A vocabulary or architecture the converter refused for a direct type fails the
+            # intermediate the same way: reuse that error instead of converting again.
+            refused = next((results[j.folder.name] for j in direct if j.options["pre_tokenizer"] == pre
+                            and isinstance(results[j.folder.name], ExportError)
+                            and ("pre-tokenizer" in str(results[j.folder.name])
+                                 or "does not support" in str(results[j.folder.name]))), None)
+            if refused is not None:
+                intermediates[pre] = refused
+                continue
             progress("gguf: converting the F16 intermediate (once for every quantized type)")
             path = work_dir / f"intermediate-{pre or 'default'}-F16.gguf"
             started = time.perf_counter()
@@ -219,9 +228,7 @@ def _attempt(action: Any, job: ExportJob | None = None) -> BaseException | None:
     started = time.perf_counter()
     try:
         action()
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the caller records it per variant
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except Exception as exc:  # noqa: BLE001 - the caller records it per variant; Ctrl-C passes through
         return exc
     finally:
         if job is not None:
