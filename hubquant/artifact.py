@@ -186,7 +186,8 @@ class Artifact:
 
 
 def write_manifest(folder: Path, *, variant: dict[str, Any], source: dict[str, Any], tools: dict[str, str],
-                   key: str, export_seconds: float, shared_seconds: float, warnings: list[str]) -> dict[str, Any]:
+                   key: str, export_seconds: float, shared_seconds: float, warnings: list[str],
+                   settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hash every file in ``folder`` and write ``manifest.json``; return the manifest.
 
     ``export_seconds`` is the variant's own step; ``shared_seconds`` the intermediates it needed
@@ -209,6 +210,7 @@ def write_manifest(folder: Path, *, variant: dict[str, Any], source: dict[str, A
         "export_seconds": round(export_seconds, 3),
         "shared_seconds": round(shared_seconds, 3),
         "warnings": warnings,
+        **({"settings": settings} if settings else {}),
         "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -32,6 +32,7 @@ The reference row has the same fields (its KL is 0 and agreement 1 by definition
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.resources
 import json
@@ -411,8 +412,9 @@ def evaluate(artifacts: list["Artifact"], source: "SourceModel", *, text: EvalTe
                                                             "decode_tokens_per_second", "peak_rss_mb")},
                               "export_seconds": None})
         rows = [ref_row]
+        labels = variant_labels(artifacts)
         for artifact in sorted(artifacts, key=lambda a: -a.size_bytes):
-            label = f"{artifact.format} {artifact.precision}" + ("+imatrix" if artifact.manifest["variant"]["options"].get("imatrix") else "")
+            label = labels[artifact.path]
             say(f"{label}: measuring in a child process")
             result = _run_worker({"kind": "artifact", "label": label, "artifact": str(artifact.path),
                                   "reference": str(ref_folder), "context": settings.context,
@@ -481,13 +483,34 @@ def rows_as_json(rows: list[EvalRow], *, text: EvalText, settings: EvalSettings)
     }
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _fmt(value: float | int | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def variant_labels(artifacts: list["Artifact"]) -> dict[Path, str]:
+    """Short row labels (``gguf Q4_K_M``); variants sharing one get their folder's distinguishing suffix."""
+    plain = {a.path: f"{a.format} {a.precision}" + ("+imatrix" if a.manifest["variant"]["options"].get("imatrix") else "")
+             for a in artifacts}
+    counts = collections.Counter(plain.values())
+    labels = {}
+    for artifact in artifacts:
+        label = plain[artifact.path]
+        if counts[label] > 1:
+            name = artifact.path.name
+            prefix = f"{artifact.format}-"
+            label = f"{artifact.format} {name[len(prefix):] if name.startswith(prefix) else name}"
+        labels[artifact.path] = label
+    return labels
+
+
 def render_table(rows: list[EvalRow]) -> str:
     """The comparison table; fits a 100-column terminal. A ✗ marks a variant that fails the gate."""
-    header = (f"{'variant':<21} {'size':>7} {'bpw':>5} {'ppl':>8} {'Δppl':>7} {'KL':>8} {'KL p99':>8} "
+    width = min(max([21] + [len(r.label) + (0 if r.gate["passed"] else 2) for r in rows]), 30)
+    header = (f"{'variant':<{width}} {'size':>7} {'bpw':>5} {'ppl':>8} {'Δppl':>7} {'KL':>8} {'KL p99':>8} "
               f"{'top1':>6} {'pre t/s':>7} {'dec t/s':>7} {'RSS MB':>6}")
     lines = [header, "─" * len(header)]
     for row in rows:
@@ -496,7 +519,7 @@ def render_table(rows: list[EvalRow]) -> str:
         size_text = f"{size:.1f}MB" if size < 1000 else f"{size / 1000:.2f}GB"
         label = row.label if row.gate["passed"] else f"✗ {row.label}"
         lines.append(
-            f"{label[:21]:<21} {size_text:>7} {_fmt(m['bits_per_weight'], '.2f'):>5} {_fmt(m['perplexity'], '.3f'):>8} "
+            f"{_clip(label, width):<{width}} {size_text:>7} {_fmt(m['bits_per_weight'], '.2f'):>5} {_fmt(m['perplexity'], '.3f'):>8} "
             f"{_fmt(m['ppl_delta_pct'], '+.2f') + '%':>7} {_fmt(m['kl_mean'], '.2e'):>8} {_fmt(m['kl_p99'], '.2e'):>8} "
             f"{_fmt(100 * m['top1_agreement'], '.1f') + '%':>6} {_fmt(m['prefill_tokens_per_second'], '.0f'):>7} "
             f"{_fmt(m['decode_tokens_per_second'], '.0f'):>7} {_fmt(m['peak_rss_mb'], '.0f'):>6}")

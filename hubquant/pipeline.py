@@ -190,7 +190,8 @@ def _quantize(source: SourceModel, exporters: dict[str, Exporter], recipe: Recip
                 say(f"{spec.label}: hashing and writing the manifest")
                 manifest = write_manifest(job.folder, variant=spec.model_dump(mode="json"), source=source.facts(),
                                           tools=tools, key=key, export_seconds=job.seconds,
-                                          shared_seconds=job.shared_seconds, warnings=job.warnings)
+                                          shared_seconds=job.shared_seconds, warnings=job.warnings,
+                                          settings=job.settings)
                 commit_staging_folder(job.folder, target)
                 outcomes[index] = VariantResult(spec=spec, artifact=Artifact(path=target, manifest=manifest,
                                                                              warnings=list(job.warnings)))

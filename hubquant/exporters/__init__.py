@@ -9,6 +9,7 @@ from hubquant.errors import RecipeError
 from hubquant.exporters import gguf as _gguf  # noqa: F401  (registers the format)
 from hubquant.exporters import mlx as _mlx  # noqa: F401
 from hubquant.exporters import onnx as _onnx  # noqa: F401
+from hubquant.exporters import openvino as _openvino  # noqa: F401
 from hubquant.exporters.base import (
     Exporter,
     ExporterOptions,

@@ -52,6 +52,9 @@ class ExportJob:
     seconds: float = 0.0
     #: Seconds of shared steps it needed (an intermediate, an importance matrix), each counted once per variant.
     shared_seconds: float = 0.0
+    #: What the tool was actually asked to do when it differs from the options (resolved defaults);
+    #: written to the manifest as ``settings``.
+    settings: dict[str, Any] | None = None
 
 
 class Runner:

@@ -1,0 +1,248 @@
+"""The OpenVINO export, run as ``python -m hubquant.exporters.openvino_worker PLAN RESULT``.
+
+PLAN (JSON, written by :class:`hubquant.exporters.openvino.OpenVINOExporter`) names the source and
+the variants; RESULT receives, per variant folder name, the seconds it took, warnings, and an
+error (message + hint) when it failed. Progress lines go to stdout with a prefix the parent reads.
+One failing variant never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hubquant.exporters.openvino import INT4_OPTIONS, PROGRESS_PREFIX, import_optimum_intel
+
+TASK = "text-generation-with-past"
+#: Files of the exported IR that a compressed variant replaces with its own.
+MODEL_FILES = {"openvino_model.xml", "openvino_model.bin", "openvino_config.json", "config.json"}
+TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
+
+
+class VariantFailure(Exception):
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def say(line: str) -> None:
+    print(PROGRESS_PREFIX + line, flush=True)
+
+
+def export_ir(source: str, folder: Path, ov_config: Any) -> None:
+    """optimum-intel's export of the source with converted tokenizers, as its CLI does it."""
+    from optimum.exporters.openvino import main_export
+
+    main_export(source, folder, task=TASK, ov_config=ov_config, convert_tokenizer=True)
+    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise VariantFailure(f"openvino-tokenizers could not convert this tokenizer (no {', '.join(missing)})",
+                             hint="openvino-genai needs them; run with HUBQUANT_DEBUG=1 to see why the conversion failed")
+
+
+def calibration_samples(source: str, options: dict[str, Any]) -> list[str] | str:
+    """The dataset NNCF calibrates on: samples cut from a text, or an optimum-intel dataset name."""
+    from transformers import AutoTokenizer
+
+    from hubquant.evaluate import BUILTIN_CALIBRATION_TEXT, read_text
+
+    dataset = options.get("dataset")
+    if dataset and not Path(dataset).is_file() and dataset != "builtin":
+        return dataset  # an optimum-intel dataset name (wikitext2, c4, auto …)
+    text = read_text(None if dataset in (None, "builtin") else dataset, builtin=BUILTIN_CALIBRATION_TEXT)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    size = options["calibration_context"]
+    windows = [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)] or [ids]
+    if options.get("num_samples"):
+        windows = windows[: options["num_samples"]]
+    return [tokenizer.decode(window) for window in windows]
+
+
+def int4_config(source_id: str, options: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """The int4 settings: optimum-intel's defaults when no compression option is set, else the options."""
+    from optimum.intel.openvino.configuration import _DEFAULT_4BIT_WQ_CONFIG, get_default_quantization_config
+
+    explicit = any(options.get(key) not in (None, False) for key in INT4_OPTIONS)
+    if not explicit and options["defaults"] == "model":
+        model_default = get_default_quantization_config(source_id, weight_format="int4")
+        config = dict(model_default or _DEFAULT_4BIT_WQ_CONFIG)
+        if model_default:
+            warnings.append(f"optimum-intel's recommended int4 settings for {Path(source_id).name} applied: "
+                            + ", ".join(f"{k}={v}" for k, v in sorted(config.items(), key=lambda kv: kv[0])
+                                        if k != "dataset"))
+        if "dataset" in config:
+            named = config.pop("dataset")
+            if not options.get("dataset"):
+                warnings.append(f"optimum-intel's settings calibrate on {named}; calibrated on hubquant's built-in "
+                                f"text instead (set dataset={named} to follow them exactly)")
+            config["dataset"] = options.get("dataset") or "builtin"
+        elif options.get("dataset"):
+            config["dataset"] = options["dataset"]
+        return config
+    config: dict[str, Any] = {"bits": 4, "sym": bool(options.get("sym")), "ratio": options.get("ratio") or 1.0}
+    config["group_size"] = options["group_size"] if options.get("group_size") is not None \
+        else _DEFAULT_4BIT_WQ_CONFIG["group_size"]
+    if options.get("all_layers") is not None:
+        config["all_layers"] = options["all_layers"]
+    if options.get("awq"):
+        config["quant_method"] = "awq"
+    for key in ("scale_estimation", "gptq"):
+        if options.get(key):
+            config[key] = True
+    if options.get("backup_precision"):
+        config["backup_precision"] = options["backup_precision"]
+    data_aware = options.get("awq") or options.get("scale_estimation") or options.get("gptq")
+    if data_aware or options.get("dataset"):
+        config["dataset"] = options.get("dataset") or "builtin"
+    return config
+
+
+def quantization_config(source: str, source_id: str, precision: str, options: dict[str, Any],
+                        warnings: list[str]) -> tuple[Any, dict[str, Any]]:
+    """NNCF's config for one variant, and the settings as recorded in the manifest."""
+    from optimum.intel import OVWeightQuantizationConfig
+
+    if precision == "int8":
+        settings: dict[str, Any] = {"bits": 8, "sym": bool(options.get("sym")), "group_size": -1, "ratio": 1.0}
+    else:
+        settings = int4_config(source_id, options, warnings)
+    settings = {k: (v.value if hasattr(v, "value") else v) for k, v in settings.items()}
+    record = dict(settings)
+    if "dataset" in settings:
+        named = settings["dataset"]
+        settings["dataset"] = calibration_samples(source, {**options, "dataset": named})
+        if options.get("num_samples"):
+            settings["num_samples"] = options["num_samples"]
+        elif isinstance(settings["dataset"], list):
+            settings["num_samples"] = len(settings["dataset"])
+        settings["tokenizer"] = source
+        record["dataset"] = ("hubquant built-in calibration text" if named == "builtin"
+                             else Path(named).name if Path(named).is_file() else named)
+        record["num_samples"] = settings.get("num_samples")
+        if isinstance(settings["dataset"], list):
+            record["sample_tokens"] = options["calibration_context"]
+    return OVWeightQuantizationConfig(**settings), record
+
+
+def compress(ir: Path, folder: Path, config: Any, source_id: str) -> None:
+    """One compressed variant from the shared IR: optimum-intel's own load-and-compress path."""
+    from optimum.intel import OVModelForCausalLM
+
+    model = OVModelForCausalLM.from_pretrained(str(ir), compile=False, quantization_config=config, use_cache=True)
+    model.save_pretrained(str(folder))
+    del model
+    # optimum-intel records the tokenizer it calibrated with as a local path: keep only a Hub id.
+    saved = folder / "openvino_config.json"
+    if saved.is_file():
+        config_json = json.loads(saved.read_text())
+        quant = config_json.get("quantization_config") or {}
+        if quant.get("tokenizer"):
+            quant["tokenizer"] = source_id if not Path(source_id).exists() else None
+        saved.write_text(json.dumps(config_json, indent=2) + "\n")
+    for item in ir.iterdir():  # tokenizers, detokenizer, chat template, generation config
+        if item.name not in MODEL_FILES and not (folder / item.name).exists():
+            shutil.copy2(item, folder / item.name)
+
+
+def failure(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, VariantFailure):
+        return {"message": str(exc), "hint": exc.hint}
+    if isinstance(exc, MemoryError):
+        return {"message": "the OpenVINO export ran out of memory", "hint": "free memory or export fewer variants"}
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()
+    message = f"optimum-intel/NNCF failed: {name}: {text[0] if text else ''}".rstrip(": ")
+    if "nncf" in repr(type(exc)).lower() or "nncf" in "".join(traceback.format_tb(exc.__traceback__)).lower():
+        message = f"NNCF weight compression failed: {name}: {text[0] if text else ''}"
+    return {"message": message, "hint": "check the options (see 'hubquant formats'); HUBQUANT_DEBUG=1 shows the log"}
+
+
+def run(plan: dict[str, Any]) -> dict[str, Any]:
+    import_optimum_intel()
+    from optimum.intel import OVConfig
+
+    source, source_id = plan["source"], plan["source_id"]
+    work_dir = Path(plan["work_dir"])
+    results: dict[str, Any] = {}
+    compressed = [job for job in plan["jobs"] if job["precision"] in ("int4", "int8")]
+
+    for job in plan["jobs"]:
+        if job["precision"] not in ("fp16", "fp32"):
+            continue
+        say(f"openvino {job['precision']}: exporting with optimum-intel")
+        started = time.perf_counter()
+        try:
+            export_ir(source, Path(job["folder"]), OVConfig(dtype=job["precision"]))
+            results[job["name"]] = {"seconds": time.perf_counter() - started, "warnings": []}
+        except Exception as exc:  # noqa: BLE001 - reported per variant
+            traceback.print_exc()
+            results[job["name"]] = {"error": failure(exc), "seconds": time.perf_counter() - started}
+
+    if not compressed:
+        return results
+    configs: dict[str, Any] = {}
+    records: dict[str, dict[str, Any]] = {}
+    warnings: dict[str, list[str]] = {job["name"]: [] for job in compressed}
+    for job in compressed:
+        try:
+            configs[job["name"]], records[job["name"]] = quantization_config(
+                source, source_id, job["precision"], job["options"], warnings[job["name"]])
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            results[job["name"]] = {"error": failure(exc)}
+    pending = [job for job in compressed if job["name"] in configs]
+    if not pending:
+        return results
+
+    ir = work_dir / "openvino-ir"
+    say("openvino: exporting the full-precision IR (once for every int4/int8 variant)")
+    started = time.perf_counter()
+    try:
+        # The same call optimum-cli makes before compressing: a config with quantization settings
+        # keeps the export itself uncompressed (no automatic int8 for models over 1B weights).
+        export_ir(source, ir, OVConfig(quantization_config=configs[pending[0]["name"]]))
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        for job in pending:
+            results[job["name"]] = {"error": failure(exc)}
+        return results
+    shared = time.perf_counter() - started
+
+    for job in pending:
+        say(f"openvino {job['precision']}: compressing with NNCF")
+        started = time.perf_counter()
+        try:
+            compress(ir, Path(job["folder"]), configs[job["name"]], source_id)
+            results[job["name"]] = {"seconds": time.perf_counter() - started, "shared_seconds": shared,
+                                    "warnings": warnings[job["name"]], "settings": records[job["name"]]}
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            results[job["name"]] = {"error": failure(exc), "seconds": time.perf_counter() - started}
+    shutil.rmtree(ir, ignore_errors=True)  # the temporary IR goes as soon as no variant needs it
+    return results
+
+
+def main(argv: list[str]) -> int:
+    plan_path, result_path = Path(argv[0]), Path(argv[1])
+    plan = json.loads(plan_path.read_text())
+    try:
+        results = run(plan)
+    except Exception as exc:  # noqa: BLE001 - e.g. a broken installation: every variant fails alike
+        traceback.print_exc()
+        hint = getattr(exc, "hint", None)
+        error = {"message": str(getattr(exc, "message", exc)), "hint": hint} if hint else failure(exc)
+        results = {job["name"]: {"error": error} for job in plan["jobs"]}
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    tmp.replace(result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
