@@ -9,11 +9,13 @@ the same variants (hubquant also hashes the files and writes the manifest):
         hubquant: --format onnx --precision int4
   mlx   raw: python -m mlx_lm convert -q --q-bits 4 --q-group-size 64
         hubquant: --format mlx --precision 4bit
+  openvino  raw: optimum-cli export openvino --weight-format int4 --group-size 64 --ratio 1.0 --sym
+        hubquant: --format openvino --precision int4 --option sym=true --option group_size=64
 
 Each step runs in its own process (peak RSS from wait4, children included); the table reports
 medians of --repeat runs and the ratio hubquant / raw.
 
-    python benchmarks/vs_raw.py [--format gguf onnx mlx] [--model DIR] [--repeat 3]
+    python benchmarks/vs_raw.py [--format gguf onnx mlx openvino] [--model DIR] [--repeat 3]
 
 Without --model it uses the tiny Phi-3-style checkpoint (built once and cached).
 """
@@ -60,20 +62,26 @@ def raw_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
         return [[sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(work / "o"),
                  "-p", "int4", "-e", "cpu", "-c", str(work / "cache"), "--extra_options", "block_size=32",
                  "accuracy_level=4", "algo_config=rtn"]]
+    if fmt == "openvino":
+        return [[shutil.which("optimum-cli"), "export", "openvino", "--model", str(model), "--task",
+                 "text-generation-with-past", "--weight-format", "int4", "--group-size", "64", "--ratio", "1.0",
+                 "--sym", str(work / "ov")]]
     return [[sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model), "--mlx-path", str(work / "m"),
              "-q", "--q-bits", "4", "--q-group-size", "64"]]
 
 
 def hubquant_step(fmt: str, model: Path, work: Path) -> list[str]:
-    precisions = {"gguf": ["Q4_K_M", "Q8_0"], "onnx": ["int4"], "mlx": ["4bit"]}[fmt]
-    flags = [f for p in precisions for f in ("--precision", p)]
+    precisions = {"gguf": ["Q4_K_M", "Q8_0"], "onnx": ["int4"], "mlx": ["4bit"], "openvino": ["int4"]}[fmt]
+    options = {"openvino": ["sym=true", "group_size=64"]}.get(fmt, [])
+    flags = [f for p in precisions for f in ("--precision", p)] + [f for o in options for f in ("--option", o)]
     return [shutil.which("hubquant"), "quantize", str(model), "--format", fmt, *flags, "--output", str(work / "out"),
             "--force", "--no-track"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", nargs="+", default=["gguf", "onnx", "mlx"], choices=["gguf", "onnx", "mlx"])
+    formats = ["gguf", "onnx", "mlx", "openvino"]
+    parser.add_argument("--format", nargs="+", default=formats, choices=formats)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -83,7 +91,7 @@ def main() -> None:
         args.model = Path(subprocess.run([sys.executable, "-c", "from hubquant.tiny import tiny_phi; print(tiny_phi('phi3'))"],
                                          capture_output=True, text=True, check=True).stdout.strip())
     print(f"model: {args.model}  repeats: {args.repeat}  cores: {os.cpu_count()}")
-    print(f"{'format':<6} {'path':<9} {'wall s':>8} {'peak MiB':>9}   ratio hubquant/raw")
+    print(f"{'format':<8} {'path':<9} {'wall s':>8} {'peak MiB':>9}   ratio hubquant/raw")
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in args.format:
             rows: dict[str, list[tuple[float, float]]] = {"raw": [], "hubquant": []}
@@ -100,8 +108,8 @@ def main() -> None:
             wall = {k: statistics.median(r[0] for r in v) for k, v in rows.items()}
             peak = {k: statistics.median(r[1] for r in v) for k, v in rows.items()}
             for name in rows:
-                print(f"{fmt:<6} {name:<9} {wall[name]:>8.2f} {peak[name]:>9.0f}")
-            print(f"{fmt:<6} {'':<9} wall {wall['hubquant'] / wall['raw']:.2f}x, peak memory {peak['hubquant'] / peak['raw']:.2f}x")
+                print(f"{fmt:<8} {name:<9} {wall[name]:>8.2f} {peak[name]:>9.0f}")
+            print(f"{fmt:<8} {'':<9} wall {wall['hubquant'] / wall['raw']:.2f}x, peak memory {peak['hubquant'] / peak['raw']:.2f}x")
 
 
 if __name__ == "__main__":
