@@ -73,7 +73,7 @@ def cli(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=level, format="hubquant: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
     if not _debug():
-        for noisy in ("llama_cpp", "hf-to-gguf", "gguf", "transformers", "httpx", "urllib3", "filelock"):
+        for noisy in ("llama_cpp", "hf-to-gguf", "gguf", "transformers", "httpx", "urllib3", "filelock", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -275,6 +275,83 @@ def demo(output: str) -> None:
     progress = _Progress()
     table = run_demo(Path(output), progress=progress)
     click.echo(table)
+
+
+@cli.command()
+@click.argument("artifacts", nargs=-1)
+@click.option("--run", "run_ids", multiple=True, metavar="RUN_ID",
+              help="Publish the variant an MLflow run logged (repeatable; MLFLOW_TRACKING_URI or ./mlflow.db).")
+@click.option("--namespace", help="User or organisation to publish under (default: the token's user).")
+@click.option("--repo-id", help="One repo for every artifact given (same format), instead of the conventional names.")
+@click.option("--repo-name", "repo_names", multiple=True, metavar="FORMAT=TEMPLATE",
+              help="Repo name template per format, e.g. gguf={model}-GGUF (fields: model, format, precision, variant).")
+@click.option("--private", is_flag=True, help="Create new repos as private.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--revision", help="Branch to commit to (default: main).")
+@click.option("--base-model", help="Hub id of the source, for the card's base_model (default: the source's Hub id).")
+@click.option("--dry-run", is_flag=True, help="Stage what would be uploaded under --stage-dir; upload nothing.")
+@click.option("--stage-dir", type=click.Path(file_okay=False), default="hubquant-hub-staging", show_default=True,
+              help="Where a dry run (or a run without a token) stages the repos.")
+@click.option("--no-collection", is_flag=True, help="Do not group the repos in a Hub collection.")
+@click.option("--no-track", is_flag=True, help="Do not look up or tag the variants' MLflow runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was published (or staged) as JSON.")
+def push(artifacts: tuple[str, ...], run_ids: tuple[str, ...], namespace: str | None, repo_id: str | None,
+         repo_names: tuple[str, ...], private: bool, create_pr: bool, revision: str | None, base_model: str | None,
+         dry_run: bool, stage_dir: str, no_collection: bool, no_track: bool, as_json: bool) -> None:
+    """Publish ARTIFACTS (folders from 'hubquant quantize') to the Hugging Face Hub with model cards.
+
+    The token comes from HF_TOKEN or 'hf auth login', the endpoint from HF_ENDPOINT. Without a
+    token, or with --dry-run, the exact files, cards and commit plan are staged locally instead.
+
+    \b
+    Examples:
+      hubquant push hubquant-out/* --namespace my-org
+      hubquant push hubquant-out/gguf-Q4_K_M --dry-run
+      hubquant push --run 0123abcd… --create-pr
+    """
+    from huggingface_hub import get_token
+
+    from hubquant.artifact import load_artifact
+    from hubquant.pipeline import PushSettings, push_artifacts
+    from hubquant.tracking import TrackingError, artifact_path_of_run, publishing_store
+
+    paths = [Path(a) for a in artifacts]
+    if run_ids:
+        store = publishing_store()
+        if store is None:
+            raise TrackingError("no MLflow store to read the runs from",
+                                hint="set MLFLOW_TRACKING_URI, or run in the folder that holds mlflow.db")
+        paths += [artifact_path_of_run(store, run_id) for run_id in run_ids]
+    if not paths:
+        raise RecipeError("nothing to publish", key="artifacts",
+                          hint="pass artifact folders (hubquant push hubquant-out/*) or --run RUN_ID")
+    templates = {}
+    for pair in repo_names:
+        fmt, sep, template = pair.partition("=")
+        if not sep or not template:
+            raise RecipeError(f"--repo-name {pair!r} is not FORMAT=TEMPLATE", key="repo_name",
+                              hint="write --repo-name gguf={model}-GGUF")
+        templates[fmt.strip().lower()] = template.strip()
+    settings = PushSettings(namespace=namespace, repo_id=repo_id, templates=templates, private=private,
+                            create_pr=create_pr, revision=revision, dry_run=dry_run, stage_dir=Path(stage_dir),
+                            base_model=base_model, collection=not no_collection, track=not no_track)
+    outcome = push_artifacts([load_artifact(p) for p in paths], settings, token=get_token(), progress=_Progress())
+    if as_json:
+        click.echo(json.dumps({"dry_run": outcome.dry_run, "repos": [r.summary() for r in outcome.results]}, indent=2))
+        return
+    for result in outcome.results:
+        if outcome.dry_run:
+            click.echo(f"{result.repo_id}: staged {len(result.uploaded)} file(s), {_human_size(result.uploaded_bytes)} "
+                       f"in {result.staged}")
+        elif result.commit is None:
+            click.echo(f"{result.repo_id}: up to date, nothing uploaded  {result.url}")
+        else:
+            target = result.pr_url or result.commit_url
+            click.echo(f"{result.repo_id}: {len(result.uploaded)} file(s), {_human_size(result.uploaded_bytes)} "
+                       f"uploaded ({len(result.unchanged)} unchanged)  {target}")
+    if outcome.dry_run:
+        click.echo(f"dry run ({outcome.reason}): nothing was uploaded; each staged folder holds the files, "
+                   "README.md and commit-plan.json")
 
 
 def main(argv: list[str] | None = None) -> None:

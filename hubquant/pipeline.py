@@ -263,3 +263,92 @@ def evaluate_artifacts(artifacts: list[Artifact], source: SourceModel, *, text: 
                 tracker.finish_variant(run_id)
             tracker.log_comparison(rows, plot=plot)
         return EvalResult(rows=rows, tracking=_summary(tracker), plot=plot)
+
+
+@dataclass
+class PushSettings:
+    """How ``hubquant push`` publishes: where, to whom, and whether for real."""
+
+    namespace: str | None = None
+    repo_id: str | None = None
+    templates: dict[str, str] = field(default_factory=dict)
+    private: bool = False
+    create_pr: bool = False
+    revision: str | None = None
+    dry_run: bool = False
+    stage_dir: Path = Path("hubquant-hub-staging")
+    base_model: str | None = None
+    collection: bool = True
+    track: bool = True
+
+
+@dataclass
+class PushOutcome:
+    results: list
+    dry_run: bool
+    reason: str = ""
+
+
+def push_artifacts(artifacts: list[Artifact], settings: PushSettings, *, token: str | None,
+                   progress: Progress | None = None) -> PushOutcome:
+    """Plan the repos, render the cards, then stage them (dry run / no token) or push them.
+
+    Published commits go back to each variant's MLflow run as ``hf.*`` tags when a tracking
+    store is there (``MLFLOW_TRACKING_URI``, or ``./mlflow.db``).
+    """
+    from hubquant import hub, tracking
+
+    say = progress or (lambda line: None)
+    dry_run = settings.dry_run or not token
+    reason = "--dry-run" if settings.dry_run else "no token (set HF_TOKEN or run 'hf auth login')" if not token else ""
+    namespace = settings.namespace
+    if namespace is None and settings.repo_id:
+        namespace = settings.repo_id.split("/")[0]
+    if namespace is None and not dry_run:
+        from huggingface_hub import HfApi
+
+        try:
+            namespace = HfApi(endpoint=hub.hub_endpoint(), token=token).whoami()["name"]
+        except Exception as exc:  # noqa: BLE001
+            raise hub._translate(exc, repo_id="your namespace", endpoint=hub.hub_endpoint(),
+                                 stage_name="checking the token for") from None
+    namespace = namespace or "your-namespace"
+    plans = hub.plan_repos(artifacts, namespace=namespace, templates=settings.templates, repo_id=settings.repo_id)
+    source = artifacts[0].manifest.get("source", {})
+    base_model = settings.base_model
+    if base_model is None and source.get("id") and hub.HUB_ID_PATTERN.match(source["id"]) \
+            and not Path(source["id"]).exists():
+        base_model = source["id"]
+
+    store = tracking.publishing_store() if settings.track else None
+    runs: dict[str, str] = {}
+    if store:
+        try:
+            by_key = tracking.variant_runs(store, [a.manifest.get("cache_key", "") for a in artifacts])
+            runs = {a.path.name: by_key[a.manifest.get("cache_key", "")] for a in artifacts
+                    if a.manifest.get("cache_key", "") in by_key}
+        except Exception as exc:  # noqa: BLE001 - provenance is optional, publishing is not
+            log.warning("MLflow runs not found in %s (%s): the cards carry no run ids", store, type(exc).__name__)
+            store = None
+    with tempfile.TemporaryDirectory(prefix="hubquant-card-") as scratch:
+        say("rendering the model cards")
+        chart = hub.draw_chart(artifacts, Path(scratch))
+        hub.render(plans, base_model=base_model, chart=chart, mlflow_runs=runs)
+        if dry_run:
+            say(f"dry run ({reason}): staging under {settings.stage_dir}")
+            results = hub.stage(plans, Path(settings.stage_dir), private=settings.private,
+                                revision=settings.revision, create_pr=settings.create_pr)
+            return PushOutcome(results=results, dry_run=True, reason=reason)
+        title = f"{source.get('name', 'model')} — every format (hubquant)" if settings.collection else None
+        results = hub.push(plans, token=token or "", private=settings.private, revision=settings.revision,
+                           create_pr=settings.create_pr, collection=title, progress=say)
+    if store:
+        by_repo = {r.repo_id: r for r in results}
+        for plan in plans:
+            result = by_repo[plan.repo_id]
+            for variant in plan.variants:
+                run_id = runs.get(variant.folder)
+                if run_id and (result.commit or result.unchanged):
+                    tracking.record_publication(store, run_id, repo_id=plan.repo_id, commit=result.commit,
+                                                url=result.pr_url or result.commit_url or plan.url)
+    return PushOutcome(results=results, dry_run=False)

@@ -318,3 +318,52 @@ class LogCapture(logging.Handler):
         logging.getLogger("hubquant").removeHandler(self)
 
 
+
+
+# -- publishing ------------------------------------------------------------------------------------
+
+HUB_TAGS = ("hf.repo_id", "hf.commit", "hf.url")
+
+
+def publishing_store() -> str | None:
+    """The tracking store a push records into: the server, or the local store when it exists."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return tracking_uri() if (Path.cwd() / LOCAL_STORE).is_file() else None
+
+
+def variant_runs(uri: str, keys: list[str]) -> dict[str, str]:
+    """cache key → the variant's run id, for the keys that have one."""
+    client = _client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found: dict[str, str] = {}
+    for key in keys:
+        runs = client.search_runs(experiments, filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1,
+                                  order_by=["attributes.start_time DESC"])
+        if runs:
+            found[key] = runs[0].info.run_id
+    return found
+
+
+def record_publication(uri: str, run_id: str, *, repo_id: str, commit: str | None, url: str) -> None:
+    """The Hub repo, commit and URL a variant was published to, as tags on its run."""
+    client = _client(uri)
+    client.set_tag(run_id, "hf.repo_id", repo_id)
+    if commit:
+        client.set_tag(run_id, "hf.commit", commit)
+    client.set_tag(run_id, "hf.url", redact(url))
+
+
+def artifact_path_of_run(uri: str, run_id: str) -> Path:
+    """The local artifact folder a hubquant run logged (``hubquant push --run``)."""
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+        raise TrackingError(f"no MLflow run {run_id} in {uri} ({type(exc).__name__})",
+                            hint="copy the run id from the MLflow UI; set MLFLOW_TRACKING_URI for a server") from None
+    path = run.data.tags.get("hubquant.artifact_path")
+    if not path:
+        raise TrackingError(f"run {run_id} is not a hubquant variant run (no hubquant.artifact_path tag)",
+                            hint="pick a variant run (a child run) in the MLflow UI")
+    return Path(path)
