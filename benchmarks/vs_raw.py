@@ -41,6 +41,11 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 """
 
 
+#: Raw tools run through hubquant._launch only so that a torchvision wheel that cannot load beside
+#: CPU torch is hidden from them too (see hubquant._compat); the tool's own code runs unchanged.
+LAUNCH = [sys.executable, "-m", "hubquant._launch"]
+
+
 def measure(command: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of one command and the children it waited for."""
     started = time.perf_counter()
@@ -59,11 +64,11 @@ def raw_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
                 [sys.executable, "-c", RAW_QUANTIZE, str(work / "f16.gguf"), str(work / "q4_k_m.gguf")],
                 [converter, str(model), "--outtype", "q8_0", "--outfile", str(work / "q8_0.gguf")]]
     if fmt == "onnx":
-        return [[sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(work / "o"),
+        return [[*LAUNCH, "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(work / "o"),
                  "-p", "int4", "-e", "cpu", "-c", str(work / "cache"), "--extra_options", "block_size=32",
                  "accuracy_level=4", "algo_config=rtn"]]
     if fmt == "openvino":
-        return [[shutil.which("optimum-cli"), "export", "openvino", "--model", str(model), "--task",
+        return [[*LAUNCH, "optimum.commands.optimum_cli", "export", "openvino", "--model", str(model), "--task",
                  "text-generation-with-past", "--weight-format", "int4", "--group-size", "64", "--ratio", "1.0",
                  "--sym", str(work / "ov")]]
     return [[sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model), "--mlx-path", str(work / "m"),

@@ -4,4 +4,8 @@ The package root stays import-light: ``hubquant --help`` must not pull in torch,
 llama.cpp, openvino, onnxruntime or mlx. Heavy libraries are imported inside the exporter that uses them.
 """
 
+from hubquant._compat import hide_broken_torchvision as _hide_broken_torchvision
+
 __version__ = "0.1.0"
+
+_hide_broken_torchvision()

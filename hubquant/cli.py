@@ -266,7 +266,7 @@ def tiny(output: str, style: str, seed: int, steps: int) -> None:
 @click.option("--output", type=click.Path(file_okay=True), default="hubquant-demo", show_default=True,
               help="Folder for the demo's variants.")
 def demo(output: str) -> None:
-    """Run the main job on the embedded default: a tiny Phi-3-style model to GGUF F16, Q8_0 and Q4_K_M.
+    """Run the main job on the embedded default: a tiny Phi-3-style model through 'publish', all four formats, Hub dry run.
 
     The tiny model is built once (about a minute) and cached; re-running reuses everything.
     """
@@ -275,6 +275,153 @@ def demo(output: str) -> None:
     progress = _Progress()
     table = run_demo(Path(output), progress=progress)
     click.echo(table)
+
+
+def _publish_recipe(recipe_file: str | None, source: str | None, profile: str | None, formats: tuple[str, ...],
+                    variants: tuple[int, ...]) -> Any:
+    """The recipe of ``publish``/``plan``: a file, or SOURCE + --profile; narrowed by --format/--variant."""
+    import yaml
+
+    from hubquant.recipe import build_recipe, only_formats, profile_variants
+
+    if recipe_file:
+        path = Path(recipe_file)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RecipeError(f"recipe file not found: {path}", hint="check the path") from None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path} is not valid YAML: {exc}", hint="fix the YAML syntax") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path} is not a recipe (a YAML mapping)", hint="see the README for the recipe format")
+        base = path.resolve().parent
+        if isinstance(data.get("source"), str) and not Path(data["source"]).is_absolute() and (base / data["source"]).exists():
+            data["source"] = str(base / data["source"])
+        if isinstance(data.get("output"), str) and not Path(data["output"]).is_absolute():
+            data["output"] = str(base / data["output"])
+        origin = str(path)
+    else:
+        data, origin = {}, "command line"
+    if source:
+        data["source"] = source
+    if profile:
+        data["variants"] = list(data.get("variants") or []) + [v for v in profile_variants(profile)
+                                                               if v not in (data.get("variants") or [])]
+    if "source" not in data:
+        raise RecipeError("no source given", hint="pass RECIPE.yaml, or --source MODEL with --profile")
+    recipe = build_recipe(data, origin=origin)
+    if variants:
+        bad = [i for i in variants if not 0 <= i < len(recipe.variants)]
+        if bad:
+            raise RecipeError(f"--variant {bad[0]} is out of range", key="variant",
+                              allowed=[str(i) for i in range(len(recipe.variants))])
+        recipe = recipe.model_copy(update={"variants": [recipe.variants[i] for i in variants]})
+    if formats:
+        recipe = only_formats(recipe, formats)
+    return recipe
+
+
+@cli.command()
+@click.argument("recipe_file", required=False, metavar="[RECIPE]")
+@click.option("--source", help="Source model (instead of, or overriding, the recipe's).")
+@click.option("--profile", type=click.Choice(["mobile", "ai-pc", "all"]),
+              help="Add a device profile's variants: mobile = INT4 of every format, ai-pc = INT8 + FP16, all = both.")
+@click.option("--format", "formats", multiple=True, help="Only this format's variants (repeatable; a CI matrix job).")
+@click.option("--variant", "variants", multiple=True, type=int, help="Only the recipe's variant number N (repeatable).")
+@click.option("--namespace", help="Hub user or organisation (default: the recipe's hub.namespace, else the token's user).")
+@click.option("--dry-run", is_flag=True, help="Stage the repos under --stage-dir instead of uploading.")
+@click.option("--skip-push", is_flag=True, help="Stop after the quality gate (a matrix job; 'hubquant push --gated' publishes).")
+@click.option("--stage-dir", type=click.Path(file_okay=False), default="hubquant-hub-staging", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@tracking_options
+def publish(recipe_file: str | None, source: str | None, profile: str | None, formats: tuple[str, ...],
+            variants: tuple[int, ...], namespace: str | None, dry_run: bool, skip_push: bool, stage_dir: str,
+            as_json: bool, no_track: bool, experiment: str | None, new_run: bool) -> None:
+    """Export every variant, evaluate, log to MLflow, apply the gate, push what passed.
+
+    Re-running resumes: finished artifacts, evaluations and uploads are reused. Exit code 1 when
+    a variant failed to build, 2 when the quality gate held one back.
+
+    \b
+    Examples:
+      hubquant publish phi35.yaml
+      hubquant publish --source microsoft/Phi-3.5-mini-instruct --profile mobile --dry-run
+    """
+    from huggingface_hub import get_token
+
+    from hubquant.evaluate import render_table
+    from hubquant.pipeline import PushSettings, publish as run_publish
+
+    recipe = _publish_recipe(recipe_file, source, profile, formats, variants)
+    hub = recipe.hub
+    push_settings = None if skip_push else PushSettings(
+        namespace=namespace or hub.namespace, templates=hub.repo_names, private=hub.private,
+        create_pr=hub.create_pr, revision=hub.revision, dry_run=dry_run, stage_dir=Path(stage_dir),
+        base_model=hub.base_model, collection=hub.collection, track=not no_track)
+    progress = _Progress()
+    result = run_publish(recipe, push=push_settings, token=get_token(), tracking=_tracking(no_track, experiment, new_run),
+                         progress=progress, plot=Path(recipe.output) / "tradeoff.png" if _has("matplotlib") else None)
+    summary = {
+        "variants": [{"label": v.spec.label, "path": str(v.artifact.path) if v.artifact else None,
+                      "error": v.error.message if v.error else None} for v in result.quantized.variants],
+        "held_back": [{"path": str(a.path), "reason": why} for a, why in result.held_back],
+        "mlflow": result.evaluation.tracking.where if result.evaluation and result.evaluation.tracking else None,
+        "hub": ({"dry_run": result.pushed.dry_run, "repos": [r.summary() for r in result.pushed.results]}
+                if result.pushed else None),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        if result.evaluation is not None:
+            click.echo(render_table(result.evaluation.rows))
+        for variant in result.quantized.failures:
+            click.echo(f"✗ {variant.spec.label}: {variant.error.message if variant.error else 'failed'}")
+        for artifact, why in result.held_back:
+            click.echo(f"held back: {artifact.path.name} ({why})")
+        if summary["mlflow"]:
+            click.echo(f"mlflow: {summary['mlflow']}")
+        for repo in (result.pushed.results if result.pushed else []):
+            where = repo.staged if result.pushed.dry_run else (repo.pr_url or repo.commit_url or f"{repo.url} (up to date)")
+            click.echo(f"hub: {repo.repo_id}  {where}")
+        if result.pushed and result.pushed.dry_run:
+            click.echo(f"hub: dry run ({result.pushed.reason}) — nothing uploaded")
+    if result.quantized.failures:
+        raise SystemExit(1)
+    if result.held_back:
+        raise SystemExit(2)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@cli.command()
+@click.argument("recipe_file", required=False, metavar="[RECIPE]")
+@click.option("--source", help="Source model (instead of, or overriding, the recipe's).")
+@click.option("--profile", type=click.Choice(["mobile", "ai-pc", "all"]), help="Add a device profile's variants.")
+@click.option("--github-matrix", is_flag=True, help="Print a GitHub Actions matrix (JSON) instead of a table.")
+@click.option("--per-variant", is_flag=True, help="One matrix job per variant instead of one per format.")
+def plan(recipe_file: str | None, source: str | None, profile: str | None, github_matrix: bool,
+         per_variant: bool) -> None:
+    """Show the variants a recipe builds; --github-matrix prints them as a GitHub Actions matrix."""
+    from hubquant.exporters import get_exporter
+
+    recipe = _publish_recipe(recipe_file, source, profile, (), ())
+    if per_variant:
+        include = [{"name": spec.label, "format": spec.format, "extra": get_exporter(spec.format).extra,
+                    "variant": index} for index, spec in enumerate(recipe.variants)]
+    else:
+        formats = list(dict.fromkeys(spec.format for spec in recipe.variants))
+        include = [{"name": fmt, "format": fmt, "extra": get_exporter(fmt).extra,
+                    "variants": sum(1 for s in recipe.variants if s.format == fmt)} for fmt in formats]
+    if github_matrix:
+        click.echo(json.dumps({"include": include}, separators=(",", ":")))
+        return
+    for index, spec in enumerate(recipe.variants):
+        options = " ".join(f"{k}={v}" for k, v in spec.options.items() if v not in (None, False))
+        click.echo(f"{index:>3}  {spec.format:<9} {spec.precision:<10} {options}")
 
 
 @cli.command()
@@ -294,10 +441,11 @@ def demo(output: str) -> None:
               help="Where a dry run (or a run without a token) stages the repos.")
 @click.option("--no-collection", is_flag=True, help="Do not group the repos in a Hub collection.")
 @click.option("--no-track", is_flag=True, help="Do not look up or tag the variants' MLflow runs.")
+@click.option("--gated", is_flag=True, help="Publish only variants whose eval.json passed the quality gate.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was published (or staged) as JSON.")
 def push(artifacts: tuple[str, ...], run_ids: tuple[str, ...], namespace: str | None, repo_id: str | None,
          repo_names: tuple[str, ...], private: bool, create_pr: bool, revision: str | None, base_model: str | None,
-         dry_run: bool, stage_dir: str, no_collection: bool, no_track: bool, as_json: bool) -> None:
+         dry_run: bool, stage_dir: str, no_collection: bool, no_track: bool, gated: bool, as_json: bool) -> None:
     """Publish ARTIFACTS (folders from 'hubquant quantize') to the Hugging Face Hub with model cards.
 
     The token comes from HF_TOKEN or 'hf auth login', the endpoint from HF_ENDPOINT. Without a
@@ -335,7 +483,17 @@ def push(artifacts: tuple[str, ...], run_ids: tuple[str, ...], namespace: str | 
     settings = PushSettings(namespace=namespace, repo_id=repo_id, templates=templates, private=private,
                             create_pr=create_pr, revision=revision, dry_run=dry_run, stage_dir=Path(stage_dir),
                             base_model=base_model, collection=not no_collection, track=not no_track)
-    outcome = push_artifacts([load_artifact(p) for p in paths], settings, token=get_token(), progress=_Progress())
+    loaded = [load_artifact(p) for p in paths]
+    if gated:
+        from hubquant.pipeline import gated as split_gated
+
+        loaded, held = split_gated(loaded)
+        for artifact, why in held:
+            click.echo(f"held back: {artifact.path.name} ({why})", err=True)
+        if not loaded:
+            raise RecipeError("no variant passed the quality gate", key="artifacts",
+                              hint="see eval.json of each variant; nothing was published")
+    outcome = push_artifacts(loaded, settings, token=get_token(), progress=_Progress())
     if as_json:
         click.echo(json.dumps({"dry_run": outcome.dry_run, "repos": [r.summary() for r in outcome.results]}, indent=2))
         return

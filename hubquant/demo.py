@@ -1,8 +1,9 @@
 """``hubquant demo``: the main job on the embedded default, runnable on any machine.
 
-Builds (once, cached) a tiny Phi-3-style checkpoint, quantizes it to GGUF F16, Q8_0 and Q4_K_M,
-and measures every variant against the PyTorch original on hubquant's built-in text
-(perplexity, KL divergence, top-1 agreement, speed, memory).
+Builds (once, cached) a tiny Phi-3-style checkpoint and runs ``publish`` on it for all four
+formats — GGUF Q4_K_M and Q8_0, ONNX int4, OpenVINO int4, MLX 4bit — measuring every variant
+against the PyTorch original on hubquant's built-in text, recording the runs in MLflow's local
+store and staging the Hub repos (a dry run: nothing is uploaded).
 """
 
 from __future__ import annotations
@@ -12,44 +13,63 @@ from pathlib import Path
 from hubquant.exporters.base import Progress
 from hubquant.recipe import build_recipe
 
-DEMO_PRECISIONS = ("F16", "Q8_0", "Q4_K_M")
+DEMO_VARIANTS = ({"format": "gguf", "precision": "Q8_0"}, {"format": "gguf", "precision": "Q4_K_M"},
+                 {"format": "onnx", "precision": "int4"}, {"format": "openvino", "precision": "int4"},
+                 {"format": "mlx", "precision": "4bit"})
 
 
 def run_demo(output: Path, *, progress: Progress, track: bool = True) -> str:
-    """Run the demo into ``output`` and return the table to print.
+    """Run the demo into ``output`` and return what to print.
 
     With ``track`` the runs go to MLflow (``MLFLOW_TRACKING_URI`` or ``./mlflow.db``) when mlflow
     is installed; without mlflow the demo still runs and says how to add tracking.
     """
     import importlib.util
 
-    from hubquant.evaluate import EvalSettings, eval_text, render_table
-    from hubquant.pipeline import TrackingSettings, evaluate_artifacts, quantize
+    from hubquant.evaluate import render_table
+    from hubquant.exporters import get_exporter
+    from hubquant.hub import DEFAULT_TEMPLATES
+    from hubquant.pipeline import PushSettings, TrackingSettings, publish
     from hubquant.tiny import tiny_phi
 
     progress("demo: building the tiny Phi-3-style model (cached after the first run)")
     model = tiny_phi("phi3")
+    variants = []
+    for variant in DEMO_VARIANTS:
+        try:
+            get_exporter(variant["format"]).check_installed()
+            variants.append(variant)
+        except Exception as exc:  # noqa: BLE001 - a missing extra skips that format, said below
+            progress(f"demo: skipping {variant['format']} ({getattr(exc, 'message', exc)})")
     recipe = build_recipe({
-        "source": str(model), "output": str(output),
-        "variants": [{"format": "gguf", "precision": p} for p in DEMO_PRECISIONS],
+        "source": str(model), "output": str(output / "variants"), "variants": variants,
+        # Short windows: MLX's 4-bit kernels are slow on Linux CPUs.
+        "eval": {"context": 128, "max_windows": 4, "gen_tokens": 16},
+        "hub": {"namespace": "your-namespace", "base_model": None},
     }, origin="demo")
     tracking = TrackingSettings() if track and importlib.util.find_spec("mlflow") else None
-    result = quantize(recipe, progress=progress, tracking=tracking)
-    if result.failures:
-        raise result.failures[0].error  # type: ignore[misc]
-    evaluation = evaluate_artifacts(result.artifacts, result.source, text=eval_text(),
-                                    settings=EvalSettings(context=256),
-                                    plot=output / "tradeoff.png" if importlib.util.find_spec("matplotlib") else None,
-                                    progress=progress, tracking=tracking)
-    lines = [render_table(evaluation.rows), ""]
+    stage = output / "hub-staging"
+    # The cached model's folder carries a hash; the staged repos get the plain name.
+    names = {fmt: template.replace("{model}", "tiny-phi3") for fmt, template in DEFAULT_TEMPLATES.items()}
+    result = publish(recipe, push=PushSettings(namespace="your-namespace", dry_run=True, stage_dir=stage,
+                                                templates=names, track=tracking is not None),
+                     token=None, tracking=tracking, progress=progress,
+                     plot=output / "tradeoff.png" if importlib.util.find_spec("matplotlib") else None)
+    if result.quantized.failures:
+        raise result.quantized.failures[0].error  # type: ignore[misc]
+    evaluation = result.evaluation
+    lines = [render_table(evaluation.rows) if evaluation else "", ""]
     lines.append(f"source:    {model}")
-    lines.append(f"artifacts: {output.resolve()}  (each with manifest.json and eval.json)")
-    if evaluation.plot is not None:
+    lines.append(f"artifacts: {(output / 'variants').resolve()}  (each with manifest.json and eval.json)")
+    if evaluation is not None and evaluation.plot is not None:
         lines.append(f"chart:     {evaluation.plot}")
-    if evaluation.tracking is not None:
+    if evaluation is not None and evaluation.tracking is not None:
         from hubquant.tracking import ui_hint
 
         lines.append(f"mlflow:    experiment '{evaluation.tracking.experiment}' — {ui_hint(evaluation.tracking.uri)}")
     else:
         lines.append('mlflow:    not recorded (pip install "hubquant[tracking]" to track runs)')
+    if result.pushed is not None:
+        lines.append(f"hub:       dry run — the repos that would be pushed are staged in {stage.resolve()}:")
+        lines += [f"           {r.repo_id}  ({len(r.uploaded)} files)" for r in result.pushed.results]
     return "\n".join(lines)

@@ -379,8 +379,11 @@ def check_artifact_source(artifact: "Artifact", source: "SourceModel") -> None:
 
 def evaluate(artifacts: list["Artifact"], source: "SourceModel", *, text: EvalText, settings: EvalSettings,
              max_ppl_delta: float | None = None, max_kl: float | None = None,
-             progress: "Progress | None" = None) -> list[EvalRow]:
+             progress: "Progress | None" = None, reuse: bool = False) -> list[EvalRow]:
     """Measure every artifact against the cached reference; write ``eval.json`` beside each.
+
+    With ``reuse``, an artifact whose ``eval.json`` was measured on the same artifact (cache key),
+    text and settings is not measured again (``hubquant publish`` resuming after a failure).
 
     Returns the rows, the reference first, then the variants by decreasing size.
 
@@ -415,6 +418,15 @@ def evaluate(artifacts: list["Artifact"], source: "SourceModel", *, text: EvalTe
         labels = variant_labels(artifacts)
         for artifact in sorted(artifacts, key=lambda a: -a.size_bytes):
             label = labels[artifact.path]
+            previous = _previous_evaluation(artifact, text, settings) if reuse else None
+            if previous is not None:
+                say(f"{label}: reusing its evaluation (same artifact, text and settings)")
+                row = EvalRow(label=label, format=artifact.format, precision=artifact.precision,
+                              path=str(artifact.path), options=artifact.manifest["variant"]["options"],
+                              warnings=list(artifact.manifest.get("warnings", [])), metrics=previous["metrics"])
+                _gate(row, max_ppl_delta=max_ppl_delta, max_kl=max_kl)
+                rows.append(row)
+                continue
             say(f"{label}: measuring in a child process")
             result = _run_worker({"kind": "artifact", "label": label, "artifact": str(artifact.path),
                                   "reference": str(ref_folder), "context": settings.context,
@@ -439,6 +451,19 @@ def evaluate(artifacts: list["Artifact"], source: "SourceModel", *, text: EvalTe
     return rows
 
 
+def _previous_evaluation(artifact: "Artifact", text: EvalText, settings: EvalSettings) -> dict[str, Any] | None:
+    path = artifact.path / EVAL_FILE
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = (document.get("schema") == EVAL_SCHEMA and document.get("cache_key") == artifact.manifest.get("cache_key")
+            and document.get("text", {}).get("sha256") == text.sha256
+            and document.get("settings") == {"context": settings.context, "max_windows": settings.max_windows,
+                                             "prompt_tokens": settings.prompt_tokens, "gen_tokens": settings.gen_tokens})
+    return document if same else None
+
+
 def write_eval_json(artifact: "Artifact", row: EvalRow, *, source: "SourceModel", text: dict[str, Any],
                     settings: EvalSettings, reference_row: EvalRow, timing: dict[str, float]) -> Path:
     """Write ``eval.json`` beside the artifact (atomically) so later stages read it, not re-run it."""
@@ -449,6 +474,7 @@ def write_eval_json(artifact: "Artifact", row: EvalRow, *, source: "SourceModel"
         "hubquant_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "variant": {"label": row.label, "format": row.format, "precision": row.precision, "options": row.options},
+        "cache_key": artifact.manifest.get("cache_key"),
         "source": {"id": source.source_id, "revision": source.revision, "fingerprint": source.fingerprint,
                    "parameter_count": source.parameter_count, "dtype": source.dtype},
         "text": text,

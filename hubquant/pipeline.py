@@ -220,7 +220,8 @@ class EvalResult:
 
 def evaluate_artifacts(artifacts: list[Artifact], source: SourceModel, *, text: "EvalText", settings: "EvalSettings",
                        max_ppl_delta: float | None = None, max_kl: float | None = None, plot: Path | None = None,
-                       progress: Progress | None = None, tracking: TrackingSettings | None = None) -> EvalResult:
+                       progress: Progress | None = None, tracking: TrackingSettings | None = None,
+                       reuse: bool = False) -> EvalResult:
     """Measure artifacts, draw the chart, and record everything on each variant's MLflow run.
 
     Raises:
@@ -244,7 +245,7 @@ def evaluate_artifacts(artifacts: list[Artifact], source: SourceModel, *, text: 
             stack.enter_context(tracker)
         with capture:
             rows = evaluate(artifacts, source, text=text, settings=settings, max_ppl_delta=max_ppl_delta,
-                            max_kl=max_kl, progress=say)
+                            max_kl=max_kl, progress=say, reuse=reuse)
         if plot is not None:
             from hubquant.plot import plot_tradeoff
 
@@ -352,3 +353,59 @@ def push_artifacts(artifacts: list[Artifact], settings: PushSettings, *, token: 
                     tracking.record_publication(store, run_id, repo_id=plan.repo_id, commit=result.commit,
                                                 url=result.pr_url or result.commit_url or plan.url)
     return PushOutcome(results=results, dry_run=False)
+
+
+def gated(artifacts: list[Artifact]) -> tuple[list[Artifact], list[tuple[Artifact, str]]]:
+    """Split artifacts into those whose ``eval.json`` passed the gate and those held back (with why)."""
+    import json
+
+    passed, held = [], []
+    for artifact in artifacts:
+        path = artifact.path / "eval.json"
+        if not path.is_file():
+            held.append((artifact, "not evaluated"))
+            continue
+        gate = json.loads(path.read_text(encoding="utf-8")).get("gate") or {"passed": True}
+        if gate.get("passed", True):
+            passed.append(artifact)
+        else:
+            held.append((artifact, "; ".join(gate.get("reasons", [])) or "failed the quality gate"))
+    return passed, held
+
+
+@dataclass
+class PublishResult:
+    quantized: QuantizeResult
+    evaluation: EvalResult | None = None
+    pushed: PushOutcome | None = None
+    held_back: list[tuple[Artifact, str]] = field(default_factory=list)
+
+
+def publish(recipe: Recipe, *, push: PushSettings | None, token: str | None, tracking: TrackingSettings | None,
+            progress: Progress | None = None, plot: Path | None = None) -> PublishResult:
+    """The whole flow: export every variant → evaluate → log to MLflow → gate → push what passed.
+
+    Re-running after a failure resumes: finished artifacts are reused (cache key), evaluations too
+    (same artifact, text and settings), and files the Hub already holds are not uploaded again.
+    ``push=None`` stops after the gate (a GitHub Actions matrix job; the publish job pushes).
+    """
+    from hubquant.evaluate import EvalSettings, eval_text
+
+    say = progress or (lambda line: None)
+    quantized = quantize(recipe, progress=say, tracking=tracking)
+    result = PublishResult(quantized=quantized)
+    if not quantized.artifacts:
+        return result
+    section = recipe.eval
+    settings = EvalSettings(context=section.context, max_windows=section.max_windows,
+                            prompt_tokens=section.prompt_tokens, gen_tokens=section.gen_tokens)
+    result.evaluation = evaluate_artifacts(quantized.artifacts, quantized.source, text=eval_text(text_path=section.text),
+                                           settings=settings, max_ppl_delta=section.max_ppl_delta,
+                                           max_kl=section.max_kl, plot=plot, progress=say, tracking=tracking,
+                                           reuse=True)
+    passed, result.held_back = gated(quantized.artifacts)
+    for artifact, why in result.held_back:
+        say(f"{artifact.path.name}: not published ({why})")
+    if push is not None and passed:
+        result.pushed = push_artifacts(passed, push, token=token, progress=say)
+    return result

@@ -51,11 +51,40 @@ class VariantSpec(BaseModel):
         return f"{self.format}-{self.precision}"
 
 
+class EvalSection(BaseModel):
+    """How ``hubquant publish`` measures the variants, and the quality gate they must pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None
+    context: int = Field(512, ge=16)
+    max_windows: int | None = Field(None, ge=1)
+    prompt_tokens: int = Field(64, ge=1)
+    gen_tokens: int = Field(32, ge=1)
+    max_ppl_delta: float | None = None
+    max_kl: float | None = None
+
+
+class HubSection(BaseModel):
+    """Where ``hubquant publish`` pushes (see ``hubquant push``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str | None = None
+    private: bool = False
+    create_pr: bool = False
+    revision: str | None = None
+    base_model: str | None = None
+    repo_names: dict[str, str] = Field(default_factory=dict)
+    collection: bool = True
+
+
 class Recipe(BaseModel):
     """A source checkpoint and the variants to build from it.
 
     ``source`` is a local folder or a Hub id; ``revision`` pins a Hub commit/branch/tag.
-    ``output`` is the folder that receives one sub-folder per variant.
+    ``output`` is the folder that receives one sub-folder per variant. ``eval`` and ``hub`` are
+    read by ``hubquant publish``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -66,6 +95,8 @@ class Recipe(BaseModel):
     #: MLflow experiment (default ``hubquant/<model name>``).
     experiment: str | None = None
     variants: list[VariantSpec]
+    eval: EvalSection = Field(default_factory=EvalSection)
+    hub: HubSection = Field(default_factory=HubSection)
 
     @field_validator("variants")
     @classmethod
@@ -155,3 +186,34 @@ def load_recipe(path: str | Path) -> Recipe:
         if isinstance(output, str) and not Path(output).is_absolute():
             data["output"] = str(base / output)
     return build_recipe(data, origin=str(path))
+
+
+PROFILES = ("mobile", "ai-pc", "all")
+
+
+def profile_variants(name: str) -> list[dict[str, Any]]:
+    """The variants of a device profile shipped as data (``data/profiles/NAME.yaml``).
+
+    Raises:
+        RecipeError: no such profile.
+    """
+    import importlib.resources
+
+    if name not in PROFILES:
+        raise RecipeError(f"unknown profile '{name}'", key="profile", allowed=list(PROFILES))
+    data = yaml.safe_load(importlib.resources.files("hubquant").joinpath(f"data/profiles/{name}.yaml")
+                          .read_text(encoding="utf-8"))
+    variants: list[dict[str, Any]] = []
+    for included in data.get("include", []):
+        variants += [v for v in profile_variants(included) if v not in variants]
+    return variants + [v for v in data.get("variants", []) if v not in variants]
+
+
+def only_formats(recipe: Recipe, formats: tuple[str, ...] | list[str]) -> Recipe:
+    """The recipe restricted to some formats (one GitHub Actions matrix job per format)."""
+    wanted = {f.lower() for f in formats}
+    kept = [v for v in recipe.variants if v.format in wanted]
+    if not kept:
+        raise RecipeError(f"the recipe has no variant of {', '.join(sorted(wanted))}", key="format",
+                          allowed=sorted({v.format for v in recipe.variants}))
+    return recipe.model_copy(update={"variants": kept})

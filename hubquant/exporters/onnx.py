@@ -160,7 +160,9 @@ class ONNXExporter(Exporter):
                 extra.append("op_types_to_quantize=MatMul/Gather")
         if options.get("shared_embeddings") is not None:
             extra.append(f"shared_embeddings={str(options['shared_embeddings']).lower()}")
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(input_dir or source.path),
+        # Through hubquant._launch: the builder itself, after hubquant's import work-arounds (_compat).
+        command = [sys.executable, "-m", "hubquant._launch", "onnxruntime_genai.models.builder",
+                   "-i", str(input_dir or source.path),
                    "-o", str(output),
                    "-p", precision, "-e", options["target"], "-c", str(cache)]
         return command + (["--extra_options", *extra] if extra else [])
@@ -175,7 +177,7 @@ class ONNXExporter(Exporter):
             started = time.perf_counter()
             command = self.builder_command(source, job.folder, job.precision, job.options, work_dir / "cache",
                                            input_dir)
-            completed = subprocess.run(command, capture_output=True, text=True)
+            completed = subprocess.run(command, capture_output=True, text=True, env=_child_env())
             job.seconds = time.perf_counter() - started
             log.debug("builder output:\n%s", completed.stdout[-20000:] + completed.stderr[-20000:])
             if completed.returncode != 0 or not (job.folder / "genai_config.json").is_file():
@@ -204,6 +206,13 @@ class ONNXExporter(Exporter):
         self.check_installed()
         self.check_runnable(artifact)
         return ONNXRunner(artifact.path, context_length=context_length)
+
+
+def _child_env() -> dict[str, str]:
+    import os
+
+    root = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
 
 
 class ONNXRunner(Runner):

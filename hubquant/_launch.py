@@ -1,0 +1,14 @@
+"""``python -m hubquant._launch MODULE ARGS…``: run a tool's ``python -m MODULE`` with hubquant's
+import work-arounds applied first (see :mod:`hubquant._compat`)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+import hubquant  # noqa: F401 - applies the work-arounds
+
+if __name__ == "__main__":
+    module = sys.argv[1]
+    sys.argv = [module, *sys.argv[2:]]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
