@@ -278,7 +278,7 @@ def demo(output: str) -> None:
 
 
 def _publish_recipe(recipe_file: str | None, source: str | None, profile: str | None, formats: tuple[str, ...],
-                    variants: tuple[int, ...]) -> Any:
+                    variants: tuple[int, ...], revision: str | None = None) -> Any:
     """The recipe of ``publish``/``plan``: a file, or SOURCE + --profile; narrowed by --format/--variant."""
     import yaml
 
@@ -304,6 +304,8 @@ def _publish_recipe(recipe_file: str | None, source: str | None, profile: str | 
         data, origin = {}, "command line"
     if source:
         data["source"] = source
+    if revision:
+        data["revision"] = revision
     if profile:
         data["variants"] = list(data.get("variants") or []) + [v for v in profile_variants(profile)
                                                                if v not in (data.get("variants") or [])]
@@ -324,18 +326,22 @@ def _publish_recipe(recipe_file: str | None, source: str | None, profile: str | 
 @cli.command()
 @click.argument("recipe_file", required=False, metavar="[RECIPE]")
 @click.option("--source", help="Source model (instead of, or overriding, the recipe's).")
+@click.option("--revision", help="Hub branch, tag or commit of the source.")
 @click.option("--profile", type=click.Choice(["mobile", "ai-pc", "all"]),
               help="Add a device profile's variants: mobile = INT4 of every format, ai-pc = INT8 + FP16, all = both.")
 @click.option("--format", "formats", multiple=True, help="Only this format's variants (repeatable; a CI matrix job).")
 @click.option("--variant", "variants", multiple=True, type=int, help="Only the recipe's variant number N (repeatable).")
 @click.option("--namespace", help="Hub user or organisation (default: the recipe's hub.namespace, else the token's user).")
 @click.option("--dry-run", is_flag=True, help="Stage the repos under --stage-dir instead of uploading.")
+@click.option("--output", type=click.Path(file_okay=False), help="Folder for the variants (overrides the recipe's).")
 @click.option("--skip-push", is_flag=True, help="Stop after the quality gate (a matrix job; 'hubquant push --gated' publishes).")
 @click.option("--stage-dir", type=click.Path(file_okay=False), default="hubquant-hub-staging", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @tracking_options
-def publish(recipe_file: str | None, source: str | None, profile: str | None, formats: tuple[str, ...],
-            variants: tuple[int, ...], namespace: str | None, dry_run: bool, skip_push: bool, stage_dir: str,
+def publish(recipe_file: str | None, source: str | None, revision: str | None, profile: str | None,
+            formats: tuple[str, ...],
+            variants: tuple[int, ...], namespace: str | None, dry_run: bool, output: str | None, skip_push: bool,
+            stage_dir: str,
             as_json: bool, no_track: bool, experiment: str | None, new_run: bool) -> None:
     """Export every variant, evaluate, log to MLflow, apply the gate, push what passed.
 
@@ -352,7 +358,9 @@ def publish(recipe_file: str | None, source: str | None, profile: str | None, fo
     from hubquant.evaluate import render_table
     from hubquant.pipeline import PushSettings, publish as run_publish
 
-    recipe = _publish_recipe(recipe_file, source, profile, formats, variants)
+    recipe = _publish_recipe(recipe_file, source, profile, formats, variants, revision)
+    if output:
+        recipe = recipe.model_copy(update={"output": Path(output)})
     hub = recipe.hub
     push_settings = None if skip_push else PushSettings(
         namespace=namespace or hub.namespace, templates=hub.repo_names, private=hub.private,
@@ -391,6 +399,32 @@ def publish(recipe_file: str | None, source: str | None, profile: str | None, fo
         raise SystemExit(2)
 
 
+def _markdown_summary(artifacts: list[Any], outcome: Any) -> str:
+    """The report a CI job writes to its summary: every variant with its figures and gate, then the repos."""
+    lines = ["## hubquant publish", "", "| variant | size | perplexity | Δ vs original | KL | gate |",
+             "|---|---:|---:|---:|---:|---|"]
+    for artifact in artifacts:
+        path = artifact.path / "eval.json"
+        evaluation = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if evaluation is None:
+            lines.append(f"| {artifact.path.name} | {_human_size(artifact.size_bytes)} | — | — | — | not evaluated |")
+            continue
+        m, gate = evaluation["metrics"], evaluation.get("gate") or {"passed": True}
+        lines.append(f"| {artifact.path.name} | {_human_size(artifact.size_bytes)} | {m['perplexity']:.3f} | "
+                     f"{m['ppl_delta_pct']:+.2f}% | {m['kl_mean']:.2e} | "
+                     f"{'passed' if gate.get('passed', True) else 'held back: ' + '; '.join(gate.get('reasons', []))} |")
+    lines += ["", "| repo | result |", "|---|---|"]
+    for result in outcome.results:
+        if outcome.dry_run:
+            what = f"staged {len(result.uploaded)} files (dry run)"
+        elif result.commit is None:
+            what = "up to date, nothing uploaded"
+        else:
+            what = f"[{(result.commit or '')[:10]}]({result.pr_url or result.commit_url})"
+        lines.append(f"| [{result.repo_id}]({result.url}) | {what} |")
+    return "\n".join(lines) + "\n\n"
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -400,15 +434,16 @@ def _has(module: str) -> bool:
 @cli.command()
 @click.argument("recipe_file", required=False, metavar="[RECIPE]")
 @click.option("--source", help="Source model (instead of, or overriding, the recipe's).")
+@click.option("--revision", help="Hub branch, tag or commit of the source.")
 @click.option("--profile", type=click.Choice(["mobile", "ai-pc", "all"]), help="Add a device profile's variants.")
 @click.option("--github-matrix", is_flag=True, help="Print a GitHub Actions matrix (JSON) instead of a table.")
 @click.option("--per-variant", is_flag=True, help="One matrix job per variant instead of one per format.")
-def plan(recipe_file: str | None, source: str | None, profile: str | None, github_matrix: bool,
-         per_variant: bool) -> None:
+def plan(recipe_file: str | None, source: str | None, revision: str | None, profile: str | None,
+         github_matrix: bool, per_variant: bool) -> None:
     """Show the variants a recipe builds; --github-matrix prints them as a GitHub Actions matrix."""
     from hubquant.exporters import get_exporter
 
-    recipe = _publish_recipe(recipe_file, source, profile, (), ())
+    recipe = _publish_recipe(recipe_file, source, profile, (), (), revision)
     if per_variant:
         include = [{"name": spec.label, "format": spec.format, "extra": get_exporter(spec.format).extra,
                     "variant": index} for index, spec in enumerate(recipe.variants)]
@@ -442,10 +477,13 @@ def plan(recipe_file: str | None, source: str | None, profile: str | None, githu
 @click.option("--no-collection", is_flag=True, help="Do not group the repos in a Hub collection.")
 @click.option("--no-track", is_flag=True, help="Do not look up or tag the variants' MLflow runs.")
 @click.option("--gated", is_flag=True, help="Publish only variants whose eval.json passed the quality gate.")
+@click.option("--summary", "summary_file", type=click.Path(dir_okay=False),
+              help="Append a Markdown report (variants, gate, repos) to this file, e.g. $GITHUB_STEP_SUMMARY.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was published (or staged) as JSON.")
 def push(artifacts: tuple[str, ...], run_ids: tuple[str, ...], namespace: str | None, repo_id: str | None,
          repo_names: tuple[str, ...], private: bool, create_pr: bool, revision: str | None, base_model: str | None,
-         dry_run: bool, stage_dir: str, no_collection: bool, no_track: bool, gated: bool, as_json: bool) -> None:
+         dry_run: bool, stage_dir: str, no_collection: bool, no_track: bool, gated: bool, summary_file: str | None,
+         as_json: bool) -> None:
     """Publish ARTIFACTS (folders from 'hubquant quantize') to the Hugging Face Hub with model cards.
 
     The token comes from HF_TOKEN or 'hf auth login', the endpoint from HF_ENDPOINT. Without a
@@ -484,6 +522,7 @@ def push(artifacts: tuple[str, ...], run_ids: tuple[str, ...], namespace: str | 
                             create_pr=create_pr, revision=revision, dry_run=dry_run, stage_dir=Path(stage_dir),
                             base_model=base_model, collection=not no_collection, track=not no_track)
     loaded = [load_artifact(p) for p in paths]
+    everything = list(loaded)
     if gated:
         from hubquant.pipeline import gated as split_gated
 
@@ -494,6 +533,9 @@ def push(artifacts: tuple[str, ...], run_ids: tuple[str, ...], namespace: str | 
             raise RecipeError("no variant passed the quality gate", key="artifacts",
                               hint="see eval.json of each variant; nothing was published")
     outcome = push_artifacts(loaded, settings, token=get_token(), progress=_Progress())
+    if summary_file:
+        with open(summary_file, "a", encoding="utf-8") as handle:
+            handle.write(_markdown_summary(everything, outcome))
     if as_json:
         click.echo(json.dumps({"dry_run": outcome.dry_run, "repos": [r.summary() for r in outcome.results]}, indent=2))
         return

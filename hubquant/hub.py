@@ -354,7 +354,12 @@ def _http_status(exc: BaseException) -> int | None:
 def _translate(exc: BaseException, *, repo_id: str, endpoint: str, stage_name: str) -> HubError:
     """A huggingface_hub / network failure as one clear message with what to do."""
     status = _http_status(exc)
-    detail = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    text = str(exc).strip()
+    detail = redact(text.splitlines()[0] if text else type(exc).__name__)
+    if status is None and isinstance(exc, ValueError):
+        return HubError(f"the Hub refused {stage_name} {repo_id}: {redact(' '.join(text.split()))}",
+                        hint="nothing was committed; fix the cause above (for the card: --base-model must be a Hub "
+                             "model id) and run the same command again")
     if status == 401:
         return HubError(f"the Hub rejected the token while {stage_name} {repo_id}",
                         hint="set HF_TOKEN to a valid token with write access (https://huggingface.co/settings/tokens)")

@@ -317,6 +317,11 @@ def push_artifacts(artifacts: list[Artifact], settings: PushSettings, *, token: 
     plans = hub.plan_repos(artifacts, namespace=namespace, templates=settings.templates, repo_id=settings.repo_id)
     source = artifacts[0].manifest.get("source", {})
     base_model = settings.base_model
+    if base_model is not None and (not hub.HUB_ID_PATTERN.match(base_model) or Path(base_model).exists()):
+        from hubquant.errors import RecipeError
+
+        raise RecipeError(f"--base-model '{base_model}' is not a Hub model id", key="base_model",
+                          hint="give the source's id on the Hub, e.g. microsoft/Phi-3.5-mini-instruct")
     if base_model is None and source.get("id") and hub.HUB_ID_PATTERN.match(source["id"]) \
             and not Path(source["id"]).exists():
         base_model = source["id"]
