@@ -129,7 +129,13 @@ class Tracker:
         return run_id
 
     def _end(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status=status)
+        import contextlib
+        import sys
+
+        # MLflow prints "View run … at: URL" to stdout when a server tracks the run; stdout belongs
+        # to hubquant's --json output, so the link goes to stderr with the other progress lines.
+        with contextlib.redirect_stdout(sys.stderr):
+            self.client.set_terminated(run_id, status=status)
         self._open.discard(run_id)
 
     # -- runs ---------------------------------------------------------------------------------
@@ -139,7 +145,7 @@ class Tracker:
         run_id = self._find(f"tags.`{ROLE}` = '{PARENT}' and tags.`{SOURCE_TAG}` = '{self.source.fingerprint}'")
         self.parent_id = self._start(run_id, name=f"{self.source.name}", tags={
             ROLE: PARENT, SOURCE_TAG: self.source.fingerprint, "hubquant.version": __version__,
-            **_github_tags()})
+            **github_tags()})
         self._log(self.parent_id, params={f"source.{k}": v for k, v in facts.items() if k != "path"})
         return self.parent_id
 
@@ -149,7 +155,7 @@ class Tracker:
         run_id = self._find(f"tags.`{KEY_TAG}` = '{key}'")
         run_id = self._start(run_id, name=name, tags={
             ROLE: VARIANT, KEY_TAG: key, PARENT_TAG: self.parent_id, FORMAT_TAG: spec.format,
-            PRECISION_TAG: spec.precision, "hubquant.version": __version__, **_github_tags()})
+            PRECISION_TAG: spec.precision, "hubquant.version": __version__, **github_tags()})
         params = {"format": spec.format, "precision": spec.precision, "source.id": self.source.source_id,
                   "source.revision": self.source.revision, "source.fingerprint": self.source.fingerprint,
                   "hubquant_version": __version__}
@@ -266,7 +272,7 @@ class Tracker:
         return f"run {self.parent_id} in experiment '{self.experiment_name}' ({ui_hint(self.uri)})"
 
 
-def _github_tags() -> dict[str, str]:
+def github_tags() -> dict[str, str]:
     """Run context when inside GitHub Actions (documented GITHUB_* variables only, never a token)."""
     if os.environ.get("GITHUB_ACTIONS") != "true":
         return {}

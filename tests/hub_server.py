@@ -202,6 +202,16 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _commit(self, repo_id: str, revision: str) -> tuple[str, str, dict[str, StoredFile]] | None:
+        """The commit a read names, or None after answering 404 (no repo, or no such revision)."""
+        repo = self._repo(repo_id)
+        if repo is None:
+            return None
+        commit = repo.head(revision)
+        if commit is None:
+            self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return commit
+
     def _can_read_private(self, repo_id: str) -> bool:
         user = self._user()
         namespace = repo_id.split("/")[0]
@@ -425,6 +435,29 @@ class _Handler(BaseHTTPRequestHandler):
                          "createdAt": created, "lastModified": created,
                          "siblings": [{"rfilename": path} for path in sorted(head[2])]})
 
+    def list_models(self, *, query: dict, body: bytes) -> None:
+        author = (query.get("author") or [None])[0]
+        wanted = set(query.get("filter") or [])
+        found = []
+        for repo_id, repo in sorted(self.state.repos.items()):
+            if author and repo_id.split("/")[0] != author:
+                continue
+            if repo.private and not self._can_read_private(repo_id):
+                continue
+            head = repo.head("main")
+            card = head[2].get("README.md") if head else None
+            meta = {}
+            if card is not None and card.data:
+                match = re.match(r"^---\n(.*?)\n---\n", card.data.decode(), re.S)
+                meta = (yaml.safe_load(match.group(1)) if match else None) or {}
+            tags = set(meta.get("tags", []))
+            if wanted - tags:
+                continue
+            found.append({"_id": uuid.uuid5(uuid.NAMESPACE_URL, repo_id).hex, "id": repo_id, "modelId": repo_id,
+                          "private": repo.private, "tags": sorted(tags), "library_name": meta.get("library_name"),
+                          "downloads": 0, "likes": 0})
+        self._send(200, found)
+
     def _entries(self, tree: dict[str, StoredFile], paths: list[str]) -> list[dict[str, Any]]:
         entries = []
         for path in paths:
@@ -436,12 +469,9 @@ class _Handler(BaseHTTPRequestHandler):
         return entries
 
     def tree(self, repo_id: str, revision: str, sub: str | None = None, *, query: dict, body: bytes) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        head = repo.head(revision)
+        head = self._commit(repo_id, revision)
         if head is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            return
         prefix = (sub.strip("/") + "/") if sub else ""
         recursive = query.get("recursive", ["false"])[0] in ("true", "1", "True")
         files = sorted(p for p in head[2] if p.startswith(prefix))
@@ -461,23 +491,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, entries)
 
     def paths_info(self, repo_id: str, revision: str, *, query: dict, body: bytes) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        head = repo.head(revision)
+        head = self._commit(repo_id, revision)
         if head is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            return
         form = parse_qs(body.decode()) if body and not body.startswith(b"{") else {}
         paths = form.get("paths") or (json.loads(body).get("paths", []) if body.startswith(b"{") else [])
         self._send(200, self._entries(head[2], [p for p in paths if p in head[2]]))
 
     def resolve(self, repo_id: str, revision: str, path: str, *, query: dict, body: bytes, head: bool = False) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        commit = repo.head(revision)
+        commit = self._commit(repo_id, revision)
         if commit is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            return
         stored = commit[2].get(path)
         if stored is None:
             return self._error(404, "Entry not found", "EntryNotFound")
@@ -547,6 +571,7 @@ ROUTES = [
     (r"/lfs-upload/([0-9a-f]{64})", "PUT", "lfs_upload"),
     (r"/lfs-verify/([0-9a-f]{64})", "POST", "lfs_verify"),
     (rf"/api/models/{_REPO}/commit/(.+)", "POST", "commit"),
+    (r"/api/models", "GET", "list_models"),
     (rf"/api/models/{_REPO}", "GET", "model_info"),
     (rf"/api/models/{_REPO}/revision/(.+)", "GET", "model_info"),
     (rf"/api/models/{_REPO}/tree/([^/]+)(?:/(.*))?", "GET", "tree"),
