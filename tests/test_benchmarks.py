@@ -1,0 +1,51 @@
+"""The scale benchmark's pieces on a scaled-down shape: the generator writes exactly what
+transformers expects, and the runner measures hubquant against the raw tool and reports ratios."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import phi_shapes  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", ["phi-3.5-mini", "phi-4-mini"])
+def test_generator_writes_the_real_layout(shape: str, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = phi_shapes.generate(shape, tmp_path / shape, layers=1, scale=8)
+    config = AutoConfig.from_pretrained(folder)
+    real = phi_shapes.SHAPES[shape]
+    assert config.vocab_size == real["vocab_size"] and config.tie_word_embeddings == real["tie_word_embeddings"]
+    with safe_open(folder / "model.safetensors", "pt") as handle:
+        written = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    model = AutoModelForCausalLM.from_config(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()
+                if not (config.tie_word_embeddings and name == "lm_head.weight")}
+    assert written == expected
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert str(loaded.dtype) == "torch.bfloat16"
+
+
+@pytest.mark.slow
+def test_scale_runner_reports_ratios(tmp_path: Path) -> None:
+    model = phi_shapes.generate("phi-3.5-mini", tmp_path / "model", layers=1, scale=8)
+    report = tmp_path / "report"
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), str(model), "--format", "gguf",
+                                "--report", str(report)], capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    data = json.loads(report.with_suffix(".json").read_text())
+    gguf = data["formats"]["gguf"]
+    for path in ("raw", "hubquant"):
+        assert gguf[path]["wall_s"] > 0 and gguf[path]["peak_rss_gib"] > 0 and gguf[path]["output_gb"] > 0
+    assert gguf["ratio"]["wall_s"] > 0 and "**ratio**" in report.with_suffix(".md").read_text()
+    # Both paths produced the same kind of file of about the same size.
+    assert abs(gguf["raw"]["output_gb"] - gguf["hubquant"]["output_gb"]) / gguf["raw"]["output_gb"] < 0.01
