@@ -21,7 +21,7 @@ CONFIG_KEYS = {
     "confirm": "delete only: must equal the repo name, so a repo is never deleted by accident",
 }
 
-TARGET_HELP = f"""Target: huggingface (alias: hf) — publishes variants built by hubquant to the Hugging Face Hub.
+TARGET_HELP = """Target: huggingface (alias: hf) — publishes variants built by hubquant to the Hugging Face Hub.
 
 Target URI: 'huggingface' or 'huggingface:/NAMESPACE' (the namespace 'list' looks in; default: the
 token's user). Token: HF_TOKEN or 'hf auth login'; endpoint: HF_ENDPOINT. Runs are read from
