@@ -221,8 +221,8 @@ def build_card(plan: "RepoPlan", context: CardContext) -> "ModelCard":
     tools = {}
     for variant in plan.variants:
         tools.update(variant.manifest.get("tools", {}))
-    source_id = context.base_model or source.get("id") or source.get("name")
-    is_hub = bool(source_id and HUB_ID.match(source_id) and not source_id.startswith(("/", ".")))
+    source_id = context.base_model or (source.get("id") if source.get("revision") else None) or source.get("name")
+    is_hub = bool(source_id and HUB_ID.match(source_id) and (context.base_model or source.get("revision")))
     provenance = []
     for variant in plan.variants:
         run = context.mlflow_runs.get(variant.folder)

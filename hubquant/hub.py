@@ -213,7 +213,7 @@ def _public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     clean = json.loads(json.dumps(manifest))
     source = clean.get("source", {})
     source.pop("path", None)
-    if source.get("id") and (source["id"].startswith(("/", ".", "~")) or os.sep in source["id"].split("/", 1)[-1]):
+    if source.get("id") and not source.get("revision"):  # a local folder: its path stays private
         source["id"] = source.get("name")
     return clean
 
@@ -243,7 +243,7 @@ def render(plans: list[RepoPlan], *, base_model: str | None, chart: Path | None 
             if variant.evaluation is not None:
                 evaluation = dict(variant.evaluation)
                 evaluation["source"] = {k: v for k, v in evaluation.get("source", {}).items() if k != "path"}
-                if str(evaluation["source"].get("id", "")).startswith(("/", ".", "~")):
+                if not evaluation["source"].get("revision"):
                     evaluation["source"]["id"] = source.get("name")
                 plan.generated[f"{records}/eval.json"] = (json.dumps(evaluation, indent=2) + "\n").encode()
 

@@ -322,8 +322,8 @@ def push_artifacts(artifacts: list[Artifact], settings: PushSettings, *, token: 
 
         raise RecipeError(f"--base-model '{base_model}' is not a Hub model id", key="base_model",
                           hint="give the source's id on the Hub, e.g. microsoft/Phi-3.5-mini-instruct")
-    if base_model is None and source.get("id") and hub.HUB_ID_PATTERN.match(source["id"]) \
-            and not Path(source["id"]).exists():
+    # Only a Hub source (it has a revision) names its base model; a local folder never does.
+    if base_model is None and source.get("revision") and hub.HUB_ID_PATTERN.match(source.get("id") or ""):
         base_model = source["id"]
 
     store = tracking.publishing_store() if settings.track else None
