@@ -48,6 +48,12 @@ def raw_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
                  "--outfile", str(work / "f16.gguf")],
                 [sys.executable, "-c", RAW_QUANTIZE, str(work / "f16.gguf"), str(work / "q4_k_m.gguf"), "Q4_K_M"]]
     if fmt == "onnx":
+        # The 0.18 builder stops on transformers-5 long-rope configs (KeyError 'type'); the raw run
+        # gets the same config view hubquant hands it (hubquant.exporters.onnx.builder_input).
+        from hubquant.exporters.onnx import ONNXExporter
+        from hubquant.source import resolve_source
+
+        model = ONNXExporter.builder_input(resolve_source(model), work)
         return [[*LAUNCH, "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(work / "o"), "-p", "int4",
                  "-e", "cpu", "-c", str(work / "cache"), "--extra_options", "block_size=32", "accuracy_level=4",
                  "algo_config=rtn"]]
@@ -69,10 +75,13 @@ def hubquant_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
 class Watch:
     """Samples a process tree: peak summed RSS and anonymous memory, lowest free disk."""
 
-    def __init__(self, root_pid: int, disk: Path) -> None:
+    def __init__(self, root_pid: int, disk: Path, free_start: int) -> None:
         self.root, self.disk = root_pid, disk
         self.peak_rss = self.peak_anon = 0
-        self.free_start = self.free_min = shutil.disk_usage(disk).free
+        # Free space before the first step: a raw tool's intermediate (the F16 GGUF) still counts
+        # while its next step runs.
+        self.free_start = free_start
+        self.free_min = shutil.disk_usage(disk).free
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -144,11 +153,12 @@ def _size(path: Path) -> int:
 
 def run_steps(steps: list[list[str]], work: Path, model: Path, output: Path) -> dict[str, float | str]:
     cache = prepare_cache(model)
+    free_start = shutil.disk_usage(work).free
     totals = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gib": 0.0, "peak_anon_gib": 0.0, "peak_extra_disk_gb": 0.0}
     for command in steps:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work)
-        watch = Watch(process.pid, work)
+        watch = Watch(process.pid, work, free_start)
         stderr_thread = threading.Thread(target=lambda: setattr(process, "_err", process.stderr.read()), daemon=True)
         stderr_thread.start()
         _, status, usage = os.wait4(process.pid, 0)
