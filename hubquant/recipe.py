@@ -157,14 +157,14 @@ def build_recipe(data: dict[str, Any], *, origin: str = "recipe") -> Recipe:
     return recipe.resolved()
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file.
+def read_recipe_data(path: str | Path) -> dict[str, Any]:
+    """A recipe file's YAML as plain data, not yet validated (``publish`` adds profiles and flags to it).
 
     Relative ``source``/``output`` paths are taken relative to the recipe file's folder when that
     path exists there, so a recipe can travel with its model.
 
     Raises:
-        RecipeError: the file is missing, not YAML, or invalid.
+        RecipeError: the file is missing, unreadable, not YAML, or not a mapping.
     """
     path = Path(path)
     try:
@@ -185,6 +185,16 @@ def load_recipe(path: str | Path) -> Recipe:
         output = data.get("output")
         if isinstance(output, str) and not Path(output).is_absolute():
             data["output"] = str(base / output)
+    return data
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file (see :func:`read_recipe_data`).
+
+    Raises:
+        RecipeError: the file is missing, not YAML, or invalid.
+    """
+    data = read_recipe_data(path)
     return build_recipe(data, origin=str(path))
 
 
