@@ -113,3 +113,46 @@ def test_invalid_combinations_and_builder_failure(untrained_phi3: Path, tmp_path
                            "--option", "shared_embeddings=true", "--output", str(out), "--no-track")
     assert code == 1 and "Traceback" not in err and "builder failed" in err and "shared_embeddings" in err
     assert not out.exists()
+
+
+def _matmul_weights(path: Path) -> dict[str, bytes]:
+    """Every MatMulNBits node's (weight, scales) bytes, keyed by node path, whatever the initializers' names."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            weight, scales = (numpy_helper.to_array(inits[n], base_dir=str(path)) for n in node.input[1:3])
+            found[node.name.rsplit("/", 1)[0]] = weight.tobytes() + scales.tobytes()
+    return found
+
+
+@pytest.mark.parametrize("style,options", [("phi3", ("symmetric=false",)), ("phi4mini", ())])
+def test_prequantized_route_matches_direct(style: str, options: tuple[str, ...], request: pytest.FixtureRequest,
+                                           tmp_path: Path) -> None:
+    """The low-memory route (a checkpoint quantized tensor by tensor with ORT's own functions, read by the
+    builder's olive loader) gives the same MatMulNBits bytes and the same logits as the builder's direct route."""
+    model = request.getfixturevalue(f"tiny_{style}")
+    flags = tuple(f for o in options for f in ("--option", o))
+    [pre] = _build(model, tmp_path / "pre", "int4", options=(*flags, "--option", "route=prequantized"))
+    [direct] = _build(model, tmp_path / "direct", "int4", options=(*flags, "--option", "route=direct"))
+    manifest = json.loads((Path(pre["path"]) / "manifest.json").read_text())
+    assert manifest["settings"]["route"] == "prequantized"
+    assert not list((tmp_path / "pre").rglob("prequantized-*")), "the prequantized checkpoint is deleted"
+    a, b = _matmul_weights(Path(direct["path"])), _matmul_weights(Path(pre["path"]))
+    assert len(a) >= 9 and a.keys() == b.keys()
+    assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+    windows = token_windows(tokenize(resolve_source(model), read_text(None)), 64)[:2]
+    first, second = ONNXRunner(Path(direct["path"]), context_length=64), ONNXRunner(Path(pre["path"]), context_length=64)
+    for window in windows:
+        assert np.array_equal(first.logits(window), second.logits(window))
+
+
+def test_prequantized_route_refused_where_it_does_not_apply(tiny_phi3: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli("quantize", str(tiny_phi3), "--format", "onnx", "--precision", "int4",
+                           "--option", "route=prequantized", "--option", "algo=default",
+                           "--output", str(tmp_path / "x"), "--no-track")
+    assert code == 1 and "prequantized ONNX route does not apply" in err and "MLAS" in err and "Traceback" not in err

@@ -50,6 +50,10 @@ class ONNXOptions(ExporterOptions):
     quantize_lm_head: bool = Field(True, description="int4/int8: quantize the LM head too")
     quantize_embeddings: bool = Field(False, description="int4/int8: quantize the embedding Gather too")
     shared_embeddings: bool | None = Field(None, description="share embedding and LM head weights (default: as the model ties them)")
+    route: Literal["auto", "prequantized", "direct"] = Field(
+        "auto", description="int4/int8 cpu rtn/k_quant: 'prequantized' feeds the builder a checkpoint quantized "
+                            "tensor by tensor with ORT's own functions (same bytes, a fraction of the memory); "
+                            "'direct' gives it the source; 'auto' takes prequantized where it applies")
 
 
 @register_exporter
@@ -73,7 +77,7 @@ class ONNXExporter(Exporter):
                               allowed=pairs, hint=f"for {options.target} use one of: {', '.join(valid)} "
                                                   f"(valid target/precision pairs: {', '.join(pairs)})")
         quant_only = {"accuracy_level": None, "block_size": 32, "algo": "rtn", "symmetric": True,
-                      "quantize_lm_head": True, "quantize_embeddings": False}
+                      "quantize_lm_head": True, "quantize_embeddings": False, "route": "auto"}
         if precision not in QUANTIZED:
             for key, default in quant_only.items():
                 if getattr(options, key) != default:
@@ -167,18 +171,81 @@ class ONNXExporter(Exporter):
                    "-p", precision, "-e", options["target"], "-c", str(cache)]
         return command + (["--extra_options", *extra] if extra else [])
 
+    @staticmethod
+    def prequantized_key(options: dict[str, Any]) -> tuple[Any, ...]:
+        return (options["block_size"], options["symmetric"], options["algo"])
+
+    def plan_routes(self, source: "SourceModel", jobs: list[ExportJob]) -> dict[str, str | None]:
+        """For each job folder: the prequantized route's key string, or None for the direct route.
+
+        A job asking for ``route: prequantized`` that cannot take it fails with the reason.
+        """
+        from hubquant.exporters.onnx_prequant import unsupported_reason
+
+        routes: dict[str, str | None] = {}
+        for job in jobs:
+            route = job.options.get("route", "auto")
+            reason = "route: direct" if route == "direct" else unsupported_reason(
+                source.config, source.path, precision=job.precision, options=job.options)
+            if reason and route == "prequantized":
+                raise ExportError(f"the prequantized ONNX route does not apply: {reason}", format="onnx",
+                                  precision=job.precision, hint="use route: auto or route: direct")
+            bits = 4 if job.precision == "int4" else 8
+            routes[job.folder.name] = None if reason else "-".join(
+                map(str, (f"int{bits}", *self.prequantized_key(job.options))))
+        return routes
+
+    def prequantize(self, source: "SourceModel", job: ExportJob, target: Path) -> float:
+        """Write the prequantized checkpoint for ``job`` into ``target`` (a child process); its seconds."""
+        started = time.perf_counter()
+        command = [sys.executable, "-m", "hubquant.exporters.onnx_prequant", str(source.path), str(target),
+                   "--bits", "4" if job.precision == "int4" else "8", "--block-size", str(job.options["block_size"]),
+                   "--algo", job.options["algo"]]
+        if not job.options["symmetric"]:
+            command.append("--asymmetric")
+        completed = subprocess.run(command, capture_output=True, text=True, env=_child_env())
+        log.debug("prequantize output:\n%s", completed.stdout[-5000:] + completed.stderr[-20000:])
+        if completed.returncode != 0:
+            lines = [line for line in completed.stderr.strip().splitlines() if line.strip()]
+            raise ExportError(f"prequantizing for the ONNX builder failed: {lines[-1] if lines else completed.returncode}",
+                              format="onnx", precision=job.precision,
+                              hint="set the option route: direct to let the builder quantize (needs far more memory)")
+        return time.perf_counter() - started
+
     def export(self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path,
                progress: Progress) -> dict[str, BaseException | None]:
+        import shutil
+
         self.check_installed()
         results: dict[str, BaseException | None] = {}
         input_dir = self.builder_input(source, work_dir)
-        for job in jobs:
+        try:
+            routes = self.plan_routes(source, jobs)
+        except ExportError as exc:
+            return {job.folder.name: exc for job in jobs}
+        prepared: dict[str, tuple[Path, float]] = {}
+        for index, job in enumerate(jobs):
+            key = routes[job.folder.name]
+            builder_in = input_dir
+            if key is not None:
+                if key not in prepared:
+                    progress(f"onnx {job.precision}: quantizing the weights tensor by tensor for the builder")
+                    target = work_dir / f"prequantized-{key}"
+                    try:
+                        prepared[key] = (target, self.prequantize(source, job, target))
+                    except ExportError as exc:
+                        results[job.folder.name] = exc
+                        continue
+                builder_in, job.shared_seconds = prepared[key]
+                job.settings = {"route": "prequantized", "builder_input": "olive"}
             progress(f"onnx {job.options['target']} {job.precision}: building with onnxruntime-genai's builder")
             started = time.perf_counter()
             command = self.builder_command(source, job.folder, job.precision, job.options, work_dir / "cache",
-                                           input_dir)
+                                           builder_in)
             completed = subprocess.run(command, capture_output=True, text=True, env=_child_env())
             job.seconds = time.perf_counter() - started
+            if key is not None and key not in {routes[j.folder.name] for j in jobs[index + 1:]}:
+                shutil.rmtree(prepared[key][0], ignore_errors=True)  # no later variant needs it
             log.debug("builder output:\n%s", completed.stdout[-20000:] + completed.stderr[-20000:])
             if completed.returncode != 0 or not (job.folder / "genai_config.json").is_file():
                 lines = [line for line in completed.stderr.strip().splitlines() if line.strip()]
