@@ -36,7 +36,7 @@ def _os_error_to_output_error(exc: OSError, path: Path) -> OutputError:
     )
 
 
-def prepare_output_root(path: Path) -> bool:
+def prepare_output_root(path: Path, *, what: str = "output") -> bool:
     """Make sure ``path`` is a writable folder; return True when this call created it.
 
     Raises:
@@ -44,9 +44,9 @@ def prepare_output_root(path: Path) -> bool:
     """
     if path.exists() and not path.is_dir():
         raise OutputError(
-            f"output path {path} is a file, not a folder",
+            f"{what} path {path} is a file, not a folder",
             path=path,
-            hint="pass a folder path to --output (it is created when missing)",
+            hint=f"pass a folder path to --{what} (it is created when missing)",
         )
     created = not path.exists()
     try:

@@ -153,12 +153,14 @@ def _print_results(result: Any, as_json: bool) -> None:
 @click.option("--revision", help="Hub branch, tag or commit of SOURCE.")
 @click.option("--output", type=click.Path(file_okay=True), default="hubquant-out", show_default=True,
               help="Folder that receives one sub-folder per variant.")
+@click.option("--scratch", type=click.Path(file_okay=False),
+              help="Folder for intermediates (GGUF F16, OpenVINO IR, ONNX prequantized weights); default: inside --output.")
 @click.option("--force", is_flag=True, help="Rebuild variants even when their inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts as JSON (path, format, precision, size, sha256).")
 @tracking_options
 def quantize(source: str | None, recipe_file: str | None, fmt: str, precisions: tuple[str, ...],
-             options: tuple[str, ...], revision: str | None, output: str, force: bool, as_json: bool,
-             no_track: bool, experiment: str | None, new_run: bool) -> None:
+             options: tuple[str, ...], revision: str | None, output: str, scratch: str | None, force: bool,
+             as_json: bool, no_track: bool, experiment: str | None, new_run: bool) -> None:
     """Quantize SOURCE (a local folder or a Hub id) into one or more variants.
 
     \b
@@ -184,6 +186,8 @@ def quantize(source: str | None, recipe_file: str | None, fmt: str, precisions: 
                          for p in (precisions or ("int4",))],
         }
         recipe = build_recipe(data, origin="command line")
+    if scratch:
+        recipe = recipe.model_copy(update={"scratch": Path(scratch)})
     result = run_quantize(recipe, force=force, progress=_Progress(), tracking=_tracking(no_track, experiment, new_run))
     _print_results(result, as_json)
     _print_tracking(result.tracking)
@@ -318,14 +322,16 @@ def _publish_recipe(recipe_file: str | None, source: str | None, profile: str | 
 @click.option("--namespace", help="Hub user or organisation (default: the recipe's hub.namespace, else the token's user).")
 @click.option("--dry-run", is_flag=True, help="Stage the repos under --stage-dir instead of uploading.")
 @click.option("--output", type=click.Path(file_okay=False), help="Folder for the variants (overrides the recipe's).")
+@click.option("--scratch", type=click.Path(file_okay=False),
+              help="Folder for intermediates (overrides the recipe's scratch; default: inside the output).")
 @click.option("--skip-push", is_flag=True, help="Stop after the quality gate (a matrix job; 'hubquant push --gated' publishes).")
 @click.option("--stage-dir", type=click.Path(file_okay=False), default="hubquant-hub-staging", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @tracking_options
 def publish(recipe_file: str | None, source: str | None, revision: str | None, profile: str | None,
             formats: tuple[str, ...],
-            variants: tuple[int, ...], namespace: str | None, dry_run: bool, output: str | None, skip_push: bool,
-            stage_dir: str,
+            variants: tuple[int, ...], namespace: str | None, dry_run: bool, output: str | None, scratch: str | None,
+            skip_push: bool, stage_dir: str,
             as_json: bool, no_track: bool, experiment: str | None, new_run: bool) -> None:
     """Export every variant, evaluate, log to MLflow, apply the gate, push what passed.
 
@@ -345,6 +351,8 @@ def publish(recipe_file: str | None, source: str | None, revision: str | None, p
     recipe = _publish_recipe(recipe_file, source, profile, formats, variants, revision)
     if output:
         recipe = recipe.model_copy(update={"output": Path(output)})
+    if scratch:
+        recipe = recipe.model_copy(update={"scratch": Path(scratch)})
     hub = recipe.hub
     push_settings = None if skip_push else PushSettings(
         namespace=namespace or hub.namespace, templates=hub.repo_names, private=hub.private,

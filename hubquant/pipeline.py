@@ -130,6 +130,8 @@ def quantize(recipe: Recipe, *, force: bool = False, progress: Progress | None =
     with contextlib.ExitStack() as stack:
         if tracker is not None:
             stack.enter_context(tracker)
+        if recipe.scratch is not None:
+            prepare_output_root(Path(recipe.scratch), what="scratch")
         created = prepare_output_root(output)
         result = _quantize(source, exporters, recipe, output, force=force, progress=progress, tracker=tracker)
         result.tracking = _summary(tracker)
@@ -177,7 +179,10 @@ def _quantize(source: SourceModel, exporters: dict[str, Exporter], recipe: Recip
         if not jobs:
             continue
         try:
-            with tempfile.TemporaryDirectory(prefix=".hubquant-tmp-work-", dir=output) as work_dir, capture:
+            scratch = Path(recipe.scratch) if recipe.scratch is not None else output
+            with tempfile.TemporaryDirectory(prefix=".hubquant-tmp-work-", dir=scratch) as work_dir, capture:
+                if recipe.scratch is not None:
+                    say(f"{fmt}: intermediates in {work_dir}")
                 errors = exporter.export(source, [job for _, _, job, _, _ in jobs], work_dir=Path(work_dir),
                                          progress=say)
             for index, spec, job, target, key in jobs:

@@ -92,6 +92,10 @@ class Recipe(BaseModel):
     source: str
     revision: str | None = None
     output: Path = Path("hubquant-out")
+    #: Where intermediates go (the GGUF F16 file, the OpenVINO full-precision IR, the ONNX
+    #: prequantized checkpoint); default: a temporary folder inside ``output``. Each is deleted as
+    #: soon as no remaining variant needs it, and the folder itself when the format is done.
+    scratch: Path | None = None
     #: MLflow experiment (default ``hubquant/<model name>``).
     experiment: str | None = None
     variants: list[VariantSpec]
@@ -182,9 +186,10 @@ def read_recipe_data(path: str | Path) -> dict[str, Any]:
         source = data.get("source")
         if isinstance(source, str) and not Path(source).is_absolute() and (base / source).exists():
             data["source"] = str(base / source)
-        output = data.get("output")
-        if isinstance(output, str) and not Path(output).is_absolute():
-            data["output"] = str(base / output)
+        for key in ("output", "scratch"):
+            value = data.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                data[key] = str(base / value)
     return data
 
 

@@ -81,9 +81,9 @@ class StreamingWriter:
         self.handle.write(struct.pack("<Q", len(encoded)) + encoded)
         self.position = 0
 
-    def write(self, name: str, data: bytes | np.ndarray) -> None:
+    def write(self, name: str, data: bytes | bytearray | np.ndarray) -> None:
         expected_name, nbytes = self.expected[self.position]
-        payload = data.tobytes() if isinstance(data, np.ndarray) else data
+        payload = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data
         if name != expected_name or len(payload) != nbytes:
             raise ValueError(f"safetensors writer: got {name} ({len(payload)} bytes), "
                              f"expected {expected_name} ({nbytes} bytes)")

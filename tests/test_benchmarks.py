@@ -52,15 +52,15 @@ def test_scale_runner_reports_ratios(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bf16_source_quantizes_from_a_bf16_intermediate(tmp_path: Path) -> None:
-    """A bf16 checkpoint's K-quants start from a BF16 GGUF (a copy, not a cast), deleted once used."""
+def test_bf16_source_quantizes_from_an_f16_intermediate(tmp_path: Path) -> None:
+    """A bf16 checkpoint's K-quants start from the F16 GGUF llama.cpp documents, deleted once used."""
     from conftest import run_cli
 
     model = phi_shapes.generate("phi-3.5-mini", tmp_path / "model", layers=1, scale=8)
     code, out, err = run_cli("quantize", str(model), "--precision", "Q4_K_M", "--precision", "Q8_0",
                              "--output", str(tmp_path / "out"), "--json", "--no-track")
     assert code == 0, err
-    assert "converting the BF16 intermediate" in err
+    assert "converting the F16 intermediate" in err
     built = {a["precision"]: a for a in json.loads(out)}
     assert set(built) == {"Q4_K_M", "Q8_0"}
     from llama_cpp import Llama

@@ -134,6 +134,30 @@ def test_f16_intermediate_is_built_once(untrained_phi3: Path, tmp_path: Path, mo
     assert not list((tmp_path / "a").glob(".hubquant-tmp-*")), "the intermediate is not left behind"
 
 
+def test_intermediates_go_to_the_scratch_folder(untrained_phi3: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Path] = []
+    real_convert = gguf_module.convert
+
+    def watching_convert(source, output, precision, **kwargs):
+        seen.append(output)
+        return real_convert(source, output, precision, **kwargs)
+
+    monkeypatch.setattr(gguf_module, "convert", watching_convert)
+    scratch = tmp_path / "scratch"
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q4_0", "--output", str(tmp_path / "out"),
+                           "--scratch", str(scratch), "--no-track")
+    assert code == 0, err
+    assert "intermediates in" in err and seen and seen[0].is_relative_to(scratch)
+    assert scratch.is_dir() and not list(scratch.iterdir()), "the intermediate and its folder are removed"
+    assert not list((tmp_path / "out").glob(".hubquant-tmp-*"))
+    (tmp_path / "a-file").write_text("x")
+    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q4_0", "--output", str(tmp_path / "out2"),
+                           "--scratch", str(tmp_path / "a-file"), "--no-track")
+    assert code == 1 and "--scratch" in err and "is a file" in err and "Traceback" not in err
+    assert not (tmp_path / "out2").exists()
+
+
 def test_reuse_and_force(untrained_phi3: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q4_K_M", "--output", str(out))
