@@ -11,6 +11,10 @@ filesystem (peak extra disk), and wait4 gives user+sys CPU of the tree.
     python benchmarks/scale.py /data/phi35 --format gguf onnx openvino mlx --report bench-phi35
 
 writes ``bench-phi35.json`` and ``bench-phi35.md`` (ratios hubquant / raw per format).
+``--publish`` adds the whole flow on that checkpoint: ``hubquant publish`` of GGUF Q4_K_M, ONNX int4,
+OpenVINO int4 and MLX 4-bit, each evaluated on a short text against a float32 reference that keeps
+its weights in bf16 (the bound a 16 GB runner sets), MLflow in a local store, Hub dry run; its
+total time, peak memory and peak extra disk, and the evaluation table, go into the same report.
 """
 
 from __future__ import annotations
@@ -71,6 +75,36 @@ def hubquant_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
     flags = [f for o in options for f in ("--option", o)]
     return [[sys.executable, "-m", "hubquant.cli", "quantize", str(model), "--format", fmt, "--precision", precision,
              *flags, "--output", str(work / "out"), "--force", "--no-track"]]
+
+
+#: The four-format publish run by --publish (the issue's "every format in one run").
+PUBLISH_VARIANTS = [{"format": "gguf", "precision": "Q4_K_M"}, {"format": "onnx", "precision": "int4"},
+                    {"format": "openvino", "precision": "int4",
+                     "options": {"sym": True, "group_size": 128, "ratio": 1.0}},
+                    {"format": "mlx", "precision": "4bit"}]
+PUBLISH_EVAL = {"context": 128, "max_windows": 2, "prompt_tokens": 32, "gen_tokens": 8, "reference_weights": "source"}
+
+
+def publish_steps(model: Path, work: Path) -> list[list[str]]:
+    """``hubquant publish`` of the four formats, a dry run into ``work/stage``."""
+    import yaml
+
+    recipe = {"source": str(model), "output": str(work / "out"), "variants": PUBLISH_VARIANTS, "eval": PUBLISH_EVAL,
+              "hub": {"namespace": "bench", "base_model": None}}
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return [[sys.executable, "-m", "hubquant.cli", "publish", str(work / "recipe.yaml"), "--dry-run",
+             "--stage-dir", str(work / "stage"), "--json"]]
+
+
+def publish_summary(work: Path) -> list[dict]:
+    """The evaluation rows the publish wrote (eval.json beside each artifact)."""
+    rows = []
+    for path in sorted((work / "out").glob("*/eval.json")):
+        document = json.loads(path.read_text())
+        metrics = document["metrics"]
+        rows.append({"variant": path.parent.name, **{k: metrics.get(k) for k in (
+            "size_bytes", "perplexity", "ppl_delta_pct", "kl_mean", "top1_agreement", "peak_rss_mb")}})
+    return rows
 
 
 class Watch:
@@ -152,13 +186,15 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_steps(steps: list[list[str]], work: Path, model: Path, output: Path) -> dict[str, float | str]:
+def run_steps(steps: list[list[str]], work: Path, model: Path, output: Path,
+              env: dict[str, str] | None = None) -> dict[str, float | str]:
     cache = prepare_cache(model)
     free_start = shutil.disk_usage(work).free
     totals = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gib": 0.0, "peak_anon_gib": 0.0, "peak_extra_disk_gb": 0.0}
     for command in steps:
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work,
+                                   env={**os.environ, **(env or {})})
         watch = Watch(process.pid, work, free_start)
         stderr_thread = threading.Thread(target=lambda: setattr(process, "_err", process.stderr.read()), daemon=True)
         stderr_thread.start()
@@ -178,8 +214,9 @@ def run_steps(steps: list[list[str]], work: Path, model: Path, output: Path) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
-    parser.add_argument("--format", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--format", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--publish", action="store_true", help="also time the four-format publish (dry run)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary folder)")
     parser.add_argument("--report", type=Path, default=Path("bench-scale"), help="writes REPORT.json and REPORT.md")
     args = parser.parse_args(argv)
@@ -204,6 +241,16 @@ def main(argv: list[str] | None = None) -> int:
             summary["ratio"] = {key: (summary["hubquant"][key] / summary["raw"][key]) if summary["raw"][key] else None
                                 for key in ("wall_s", "cpu_s", "peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb")}
             report["formats"][fmt] = summary
+        if args.publish:
+            work = scratch / "publish"
+            work.mkdir()
+            # A cold reference cache and a fresh MLflow store, so the run does all its work.
+            env = {"HUBQUANT_CACHE": str(work / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+            measured = run_steps(publish_steps(args.model, work), work, args.model, work / "out", env=env)
+            report["publish"] = {**measured, "variants": PUBLISH_VARIANTS, "eval": PUBLISH_EVAL,
+                                 "rows": publish_summary(work)}
+            print(f"publish: {measured}", file=sys.stderr, flush=True)
+            shutil.rmtree(work)
     finally:
         if args.work is None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -220,6 +267,20 @@ def main(argv: list[str] | None = None) -> int:
         r = summary["ratio"]
         lines.append(f"| {fmt} | **ratio** | **{r['wall_s']:.2f}×** | {r['cpu_s']:.2f}× | **{r['peak_rss_gib']:.2f}×** | "
                      f"{r['peak_anon_gib']:.2f}× | {(r['peak_extra_disk_gb'] or 0):.2f}× | |")
+    if "publish" in report:
+        p = report["publish"]
+        lines += ["", "## Four-format publish (GGUF Q4_K_M, ONNX int4, OpenVINO int4, MLX 4-bit; evaluated; Hub dry run)", "",
+                  f"Evaluation: {p['eval']}.", "",
+                  "| wall s | CPU s | peak RSS GiB | peak anon GiB | peak extra disk GB | outputs GB |",
+                  "|---:|---:|---:|---:|---:|---:|",
+                  f"| {p['wall_s']:.1f} | {p['cpu_s']:.1f} | {p['peak_rss_gib']:.2f} | {p['peak_anon_gib']:.2f} | "
+                  f"{p['peak_extra_disk_gb']:.2f} | {p['output_gb']:.2f} |", "",
+                  "| variant | size GB | perplexity | Δ ppl % | KL | top-1 | eval peak RSS MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for row in p["rows"]:
+            lines.append(f"| {row['variant']} | {(row['size_bytes'] or 0) / 1e9:.2f} | {row['perplexity']:.4g} | "
+                         f"{row['ppl_delta_pct']:+.2f} | {row['kl_mean']:.3g} | {100 * row['top1_agreement']:.1f}% | "
+                         f"{row['peak_rss_mb']:.0f} |")
     args.report.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

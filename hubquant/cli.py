@@ -204,13 +204,16 @@ def quantize(source: str | None, recipe_file: str | None, fmt: str, precisions: 
 @click.option("--max-windows", type=int, help="Score at most this many windows.")
 @click.option("--prompt-tokens", default=64, show_default=True, help="Prompt length for the speed test.")
 @click.option("--gen-tokens", default=32, show_default=True, help="Tokens generated for the speed test.")
+@click.option("--reference-weights", type=click.Choice(["auto", "fp32", "source"]), default="auto", show_default=True,
+              help="The reference computes in float32; fp32 widens its weights once, source keeps them as stored "
+                   "(half the memory for bf16, same logits); auto picks fp32 when it fits.")
 @click.option("--max-ppl-delta", type=float, metavar="PCT", help="Quality gate: fail variants whose perplexity rises more.")
 @click.option("--max-kl", type=float, metavar="X", help="Quality gate: fail variants whose mean KL is higher.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw size against Δ perplexity and KL to a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @tracking_options
 def eval_command(artifacts: tuple[str, ...], source: str | None, text_path: str | None, dataset: str | None,
-                 context: int, max_windows: int | None, prompt_tokens: int, gen_tokens: int,
+                 context: int, max_windows: int | None, prompt_tokens: int, gen_tokens: int, reference_weights: str,
                  max_ppl_delta: float | None, max_kl: float | None, plot_path: str | None, as_json: bool,
                  no_track: bool, experiment: str | None, new_run: bool) -> None:
     """Measure ARTIFACTS against their source on the same token ids and print the comparison.
@@ -234,7 +237,7 @@ def eval_command(artifacts: tuple[str, ...], source: str | None, text_path: str 
     resolved = resolve_source(source)
     text = eval_text(text_path=text_path, dataset=dataset)
     settings = EvalSettings(context=context, max_windows=max_windows, prompt_tokens=prompt_tokens,
-                            gen_tokens=gen_tokens)
+                            gen_tokens=gen_tokens, reference_weights=reference_weights)
     result = evaluate_artifacts(loaded, resolved, text=text, settings=settings, max_ppl_delta=max_ppl_delta,
                                 max_kl=max_kl, plot=Path(plot_path) if plot_path else None,
                                 progress=_Progress(quiet=as_json), tracking=_tracking(no_track, experiment, new_run))

@@ -47,7 +47,7 @@ def run_reference(job: dict[str, Any]) -> dict[str, Any]:
     folder = Path(job["folder"])
     windows = np.load(folder / "windows.npy")
     started = time.perf_counter()
-    runner = TorchRunner(resolve_source(job["source"]))
+    runner = TorchRunner(resolve_source(job["source"]), weights=job.get("weights", "fp32"))
     load = time.perf_counter() - started
     speed = _speed(runner, windows, job["prompt_tokens"], job["gen_tokens"])
     rss = _peak_rss_mb()
@@ -57,7 +57,8 @@ def run_reference(job: dict[str, Any]) -> dict[str, Any]:
         np.save(folder / f"logits-{index}.npy", logits.astype(np.float32))
         nll.append(window_nll(logits, window.tolist()))
     scored = np.concatenate(nll)
-    return {"perplexity": float(np.exp(scored.mean())), "load_seconds": load, "peak_rss_mb": rss, **speed,
+    return {"perplexity": float(np.exp(scored.mean())), "load_seconds": load, "peak_rss_mb": rss,
+            "weights": job.get("weights", "fp32"), "why": job.get("why", ""), **speed,
             "text": {"tokens_scored": int(scored.size), "windows": int(len(windows)), "context": int(windows.shape[1])}}
 
 

@@ -185,15 +185,55 @@ def tokenize(source: "SourceModel", text: str) -> list[int]:
 
 
 # -- scoring ----------------------------------------------------------------------------------
-class TorchRunner:
-    """The unquantized source in PyTorch (fp32 on CPU): the reference every variant is compared with."""
+REFERENCE_WEIGHTS = ("auto", "fp32", "source")
 
-    def __init__(self, source: "SourceModel") -> None:
+
+def available_memory() -> int | None:
+    """Bytes the system can still give (``MemAvailable``), None where /proc/meminfo is absent."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reference_weights(source: "SourceModel", requested: str = "auto") -> tuple[str, str]:
+    """How the reference holds its weights, and why: ``fp32`` or ``source`` (the checkpoint's dtype).
+
+    The reference always computes in float32. ``fp32`` widens every weight once (4 bytes per
+    parameter: 15.3 GB for Phi-3.5-mini); ``source`` keeps the linear layers' weights as stored
+    (2 bytes for bf16) and widens each one as its layer runs. Widening bf16/f16 to float32 is
+    exact, so both give the same logits; ``source`` costs the widening on every forward pass.
+    ``auto`` takes fp32 when it fits in 80% of the memory available now.
+    """
+    if requested != "auto":
+        return requested, "asked for"
+    if source.dtype == "float32":
+        return "fp32", "the checkpoint is float32"
+    need = source.parameter_count * 4 * 1.1
+    free = available_memory()
+    if free is None or need <= 0.8 * free:
+        return "fp32", f"a float32 copy ({need / 2**30:.1f} GiB) fits in memory"
+    return "source", (f"a float32 copy ({need / 2**30:.1f} GiB) would not fit in 80% of the "
+                      f"{free / 2**30:.1f} GiB available; weights stay {source.dtype}, computed in float32")
+
+
+class TorchRunner:
+    """The unquantized source in PyTorch, computed in float32 on CPU: the reference every variant is
+    compared with. ``weights`` says how it holds the weights (see :func:`reference_weights`)."""
+
+    def __init__(self, source: "SourceModel", *, weights: str = "fp32") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         self._torch = torch
-        self._model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+        if weights == "source" and source.dtype in ("bfloat16", "float16"):
+            self._model = AutoModelForCausalLM.from_pretrained(source.path, dtype=getattr(torch, source.dtype))
+            _widen_all_but_linear_weights(self._model)
+        else:
+            self._model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
         self._model.eval()
 
     def logits(self, ids: Sequence[int]) -> "np.ndarray":
@@ -217,6 +257,31 @@ class TorchRunner:
 
     def close(self) -> None:
         del self._model
+
+
+def _widen_all_but_linear_weights(model: Any) -> None:
+    """float32 activations everywhere; linear weights stay 16-bit and are widened as each layer runs."""
+    import functools
+
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    narrow = {id(m.weight) for m in linears} - embedded  # a weight tied to an embedding is widened once
+    for parameter in model.parameters():
+        if id(parameter) not in narrow and parameter.is_floating_point():
+            parameter.data = parameter.data.float()
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.float()
+
+    def forward(module: Any, x: Any) -> Any:
+        bias = None if module.bias is None else module.bias.float()
+        return torch.nn.functional.linear(x, module.weight.float(), bias)
+
+    for module in linears:
+        module.forward = functools.partial(forward, module)
+    model.config.dtype = torch.float32
 
 
 def log_softmax(logits: "np.ndarray") -> "np.ndarray":
@@ -262,6 +327,8 @@ class EvalSettings:
     prompt_tokens: int = 64
     gen_tokens: int = 32
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: How the reference holds its weights (it always computes in float32): auto, fp32 or source.
+    reference_weights: str = "auto"
 
     def key(self) -> dict[str, Any]:
         return {"context": self.context, "max_windows": self.max_windows}
@@ -349,7 +416,10 @@ def reference(source: "SourceModel", text: EvalText, settings: EvalSettings, *, 
     try:
         with atomic_folder(folder) as staging:
             np.save(staging / "windows.npy", np.asarray(windows, dtype=np.int64))
+            weights, why = reference_weights(source, settings.reference_weights)
+            progress(f"reference: weights held as {weights} ({why}); computed in float32")
             result = _run_worker({"kind": "reference", "label": "reference", "source": str(source.path),
+                                  "weights": weights, "why": why,
                                   "folder": str(staging), "prompt_tokens": settings.prompt_tokens,
                                   "gen_tokens": settings.gen_tokens, "context": settings.context}, work)
             (staging / "reference.json").write_text(json.dumps(result))
@@ -407,7 +477,9 @@ def evaluate(artifacts: list["Artifact"], source: "SourceModel", *, text: EvalTe
         text_facts = {"name": text.name, "sha256": text.sha256, **ref_result["text"]}
         short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(source.dtype, source.dtype)
         ref_row = EvalRow(label=f"reference {short}", format="pytorch", precision=source.dtype,
-                          reference=True, path=str(source.path), metrics={
+                          reference=True, path=str(source.path),
+                          options={"compute": "float32", "weights": ref_result.get("weights", "fp32"),
+                                   "why": ref_result.get("why", "")}, metrics={
                               "size_bytes": weight_bytes, "bits_per_weight": weight_bytes * 8 / source.parameter_count,
                               "compression_ratio": 1.0, "perplexity": base_ppl, "ppl_delta": 0.0,
                               "ppl_delta_pct": 0.0, "kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0,

@@ -408,7 +408,8 @@ def publish(recipe: Recipe, *, push: PushSettings | None, token: str | None, tra
         return result
     section = recipe.eval
     settings = EvalSettings(context=section.context, max_windows=section.max_windows,
-                            prompt_tokens=section.prompt_tokens, gen_tokens=section.gen_tokens)
+                            prompt_tokens=section.prompt_tokens, gen_tokens=section.gen_tokens,
+                            reference_weights=section.reference_weights)
     result.evaluation = evaluate_artifacts(quantized.artifacts, quantized.source, text=eval_text(text_path=section.text),
                                            settings=settings, max_ppl_delta=section.max_ppl_delta,
                                            max_kl=section.max_kl, plot=plot, progress=say, tracking=tracking,

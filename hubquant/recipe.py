@@ -8,7 +8,7 @@ does not take — each is a ``RecipeError`` that names the key and lists what is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -61,6 +61,8 @@ class EvalSection(BaseModel):
     max_windows: int | None = Field(None, ge=1)
     prompt_tokens: int = Field(64, ge=1)
     gen_tokens: int = Field(32, ge=1)
+    #: How the float32 reference holds its weights (see hubquant.evaluate.reference_weights).
+    reference_weights: Literal["auto", "fp32", "source"] = "auto"
     max_ppl_delta: float | None = None
     max_kl: float | None = None
 

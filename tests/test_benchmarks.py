@@ -68,3 +68,31 @@ def test_bf16_source_quantizes_from_an_f16_intermediate(tmp_path: Path) -> None:
     llm = Llama(model_path=str(Path(built["Q4_K_M"]["path"]) / "model-Q4_K_M.gguf"), n_ctx=64, verbose=False)
     assert llm.n_vocab() == 32064
     assert not list((tmp_path / "out").glob(".hubquant-tmp-*")), "the intermediate is gone"
+
+
+def test_reference_can_keep_bf16_weights_and_gives_the_same_logits(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reference too large for float32 keeps its linear weights in bf16 and widens each as it runs:
+    half the weight memory, same logits (bf16 → float32 is exact and the arithmetic is float32)."""
+    import numpy as np
+
+    from hubquant import evaluate
+    from hubquant.source import resolve_source
+
+    model = phi_shapes.generate("phi-4-mini", tmp_path / "model", layers=1, scale=8)  # tied, bf16, 200k vocab
+    source = resolve_source(model)
+    assert evaluate.reference_weights(source, "auto")[0] == "fp32"
+    monkeypatch.setattr(evaluate, "available_memory", lambda: source.parameter_count * 3)
+    weights, why = evaluate.reference_weights(source, "auto")
+    assert weights == "source" and "would not fit" in why and "bfloat16" in why
+    ids = list(range(100, 148))
+    wide, narrow = evaluate.TorchRunner(source, weights="fp32"), evaluate.TorchRunner(source, weights="source")
+    import torch
+
+    layers = {name: m for name, m in narrow._model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert all(m.weight.dtype == torch.bfloat16 for name, m in layers.items() if name != "lm_head")
+    assert layers["lm_head"].weight.dtype == torch.float32, "tied to the embedding, which is widened once"
+    held = sum(p.numel() * p.element_size() for p in narrow._model.parameters())
+    assert held < sum(p.numel() * p.element_size() for p in wide._model.parameters())
+    a, b = wide.logits(ids), narrow.logits(ids)
+    assert b.dtype == np.float32 and np.allclose(a, b, rtol=1e-5, atol=1e-5), float(np.abs(a - b).max())
