@@ -52,6 +52,21 @@ def test_scale_runner_reports_ratios(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_scale_runner_times_the_four_format_publish(tmp_path: Path) -> None:
+    model = phi_shapes.generate("phi-3.5-mini", tmp_path / "model", layers=1, scale=8)
+    report = tmp_path / "report"
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), str(model), "--format",
+                                "--publish", "--report", str(report)], capture_output=True, text=True, timeout=1200,
+                               check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    publish = json.loads(report.with_suffix(".json").read_text())["publish"]
+    assert publish["wall_s"] > 0 and publish["peak_extra_disk_gb"] > 0 and publish["peak_anon_gib"] > 0
+    assert sorted(row["variant"].split("-")[0] for row in publish["rows"]) == ["gguf", "mlx", "onnx", "openvino"]
+    assert all(row["kl_mean"] is not None and row["kl_mean"] >= 0 for row in publish["rows"])
+    assert "Four-format publish" in report.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
 def test_bf16_source_quantizes_from_an_f16_intermediate(tmp_path: Path) -> None:
     """A bf16 checkpoint's K-quants start from the F16 GGUF llama.cpp documents, deleted once used."""
     from conftest import run_cli

@@ -1,7 +1,10 @@
 """ONNX Runtime GenAI through its own model builder (``onnxruntime_genai.models.builder``).
 
-The builder runs as a child process: its peak memory (about 19 GiB for a 3.8B model in int4)
-leaves with it, its tracebacks become one clear error, and its progress goes to hubquant's log.
+The builder runs as a child process: its peak memory leaves with it, its tracebacks become one
+clear error, and its progress goes to hubquant's log. For int4/int8 on cpu (rtn or k_quant) it is
+fed a checkpoint quantized tensor by tensor with ONNX Runtime's own functions
+(:mod:`hubquant.exporters.onnx_prequant`): the same MatMulNBits bytes as its direct route, which
+holds the whole model in float32 (about 20 GiB of anonymous memory for a 3.8B model).
 The artifact folder is what ``onnxruntime_genai.Model(path)`` loads (``model.onnx``,
 ``model.onnx.data``, ``genai_config.json``, tokenizer files and chat template). Folders follow
 Microsoft's naming, e.g. ``cpu-int4-rtn-block-32-acc-level-4``.
