@@ -185,9 +185,6 @@ def tokenize(source: "SourceModel", text: str) -> list[int]:
 
 
 # -- scoring ----------------------------------------------------------------------------------
-REFERENCE_WEIGHTS = ("auto", "fp32", "source")
-
-
 def available_memory() -> int | None:
     """Bytes the system can still give (``MemAvailable``), None where /proc/meminfo is absent."""
     try:

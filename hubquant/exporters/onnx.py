@@ -226,7 +226,7 @@ class ONNXExporter(Exporter):
             routes = self.plan_routes(source, jobs)
         except ExportError as exc:
             return {job.folder.name: exc for job in jobs}
-        prepared: dict[str, tuple[Path, float]] = {}
+        prepared: dict[str, tuple[Path, float] | ExportError] = {}
         for index, job in enumerate(jobs):
             key = routes[job.folder.name]
             builder_in = input_dir
@@ -237,9 +237,12 @@ class ONNXExporter(Exporter):
                     try:
                         prepared[key] = (target, self.prequantize(source, job, target))
                     except ExportError as exc:
-                        results[job.folder.name] = exc
-                        continue
-                builder_in, job.shared_seconds = prepared[key]
+                        prepared[key] = exc  # the variants sharing these settings fail the same way
+                ready = prepared[key]
+                if isinstance(ready, ExportError):
+                    results[job.folder.name] = ready
+                    continue
+                builder_in, job.shared_seconds = ready
                 job.settings = {"route": "prequantized", "builder_input": "olive"}
             progress(f"onnx {job.options['target']} {job.precision}: building with onnxruntime-genai's builder")
             started = time.perf_counter()
@@ -248,7 +251,7 @@ class ONNXExporter(Exporter):
             completed = subprocess.run(command, capture_output=True, text=True, env=_child_env())
             job.seconds = time.perf_counter() - started
             if key is not None and key not in {routes[j.folder.name] for j in jobs[index + 1:]}:
-                shutil.rmtree(prepared[key][0], ignore_errors=True)  # no later variant needs it
+                shutil.rmtree(builder_in, ignore_errors=True)  # no later variant needs it
             log.debug("builder output:\n%s", completed.stdout[-20000:] + completed.stderr[-20000:])
             if completed.returncode != 0 or not (job.folder / "genai_config.json").is_file():
                 lines = [line for line in completed.stderr.strip().splitlines() if line.strip()]
