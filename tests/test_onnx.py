@@ -144,6 +144,12 @@ def test_prequantized_route_matches_direct(style: str, options: tuple[str, ...],
     assert not list((tmp_path / "pre").rglob("prequantized-*")), "the prequantized checkpoint is deleted"
     a, b = _matmul_weights(Path(direct["path"])), _matmul_weights(Path(pre["path"]))
     assert len(a) >= 9 and a.keys() == b.keys()
+    if not options:  # symmetric: only the fused q/k/v carry the zero point MatMulNBits otherwise implies
+        import onnx
+
+        graph = onnx.load(str(Path(pre["path"]) / "model.onnx"), load_external_data=False).graph
+        with_zeros = {n.name.rsplit("/", 1)[0] for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3}
+        assert with_zeros and all("qkv_proj" in name for name in with_zeros), with_zeros
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
     windows = token_windows(tokenize(resolve_source(model), read_text(None)), 64)[:2]
     first, second = ONNXRunner(Path(direct["path"]), context_length=64), ONNXRunner(Path(pre["path"]), context_length=64)

@@ -299,8 +299,11 @@ def convert(source: "SourceModel", output: Path, precision: str, *, pre_tokenize
             "get_vocab_base_pre": lambda self, tokenizer: pre_tokenizer,
         })
     ftype = getattr(gguf.LlamaFileType, CONVERTER_TYPES[precision])
+    import torch
+
     try:
-        with _quiet_converter():
+        # inference mode, as the converter's own main() runs it (no autograd bookkeeping per op)
+        with _quiet_converter(), torch.inference_mode():
             model = model_class(source.path, ftype, output, model_name=source.name)
             model.write()
     except NotImplementedError as exc:

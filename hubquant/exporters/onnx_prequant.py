@@ -8,9 +8,11 @@ has. The builder also reads prequantized checkpoints (``quantization_config.quan
 the packed weights. This module writes such a checkpoint one tensor at a time, quantizing each
 decoder weight with the *same functions* the builder's own RTN/k-quant path calls
 (``onnxruntime.quantization.neural_compressor.weight_only.quant_tensor`` and
-``make_matmul_weight_only_node``), so the MatMulNBits weights, scales and zero points come out
-byte-identical to the builder's direct route (tested); the LM head and embeddings stay as they
-are and the builder quantizes them exactly as before.
+``make_matmul_weight_only_node``), so the MatMulNBits weights and scales come out byte-identical
+to the builder's direct route, and so do the logits (tested); the LM head and embeddings stay as
+they are and the builder quantizes them exactly as before. The projections are written unfused
+(the builder fuses q/k/v again), and symmetric q/k/v carry MatMulNBits' implied zero point
+explicitly, because the builder's olive reader needs zero points to fuse them.
 
 Run as a child process (``python -m hubquant.exporters.onnx_prequant SRC OUT …``) so its
 per-tensor buffers leave with it; it never imports torch.
@@ -94,13 +96,21 @@ def quantize(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
     qweight = arrays[f"w_Q{bits}G{block_size}"].reshape(out_features, -1)
     scales = arrays["w_scale"].reshape(out_features, k_blocks)
     qzeros = arrays.get("w_zp")
-    if qzeros is None:
-        # Symmetric: MatMulNBits' implied zero point (2**(bits-1)), written out because the builder's
-        # fused-QKV path needs every projection to carry one. Same values, so the same products.
-        middle = 1 << (bits - 1)
-        qzeros = np.full((out_features, (k_blocks * bits + 7) // 8), middle | (middle << 4) if bits == 4 else middle,
-                         dtype=np.uint8)
-    return qweight, scales, qzeros.reshape(out_features, -1)
+    return qweight, scales, (qzeros.reshape(out_features, -1) if qzeros is not None else None)
+
+
+def implied_zeros(rows: int, k_blocks: int, bits: int) -> np.ndarray:
+    """MatMulNBits' implied zero point (2**(bits-1)) written out, packed as it packs zero points.
+
+    The builder's olive reader concatenates q/k/v zero points to fuse them, so symmetric q/k/v
+    projections carry this explicit copy; the same values give the same products.
+    """
+    middle = 1 << (bits - 1)
+    return np.full((rows, (k_blocks * bits + 7) // 8), middle | (middle << 4) if bits == 4 else middle, dtype=np.uint8)
+
+
+def _needs_zeros(base: str, zeros: bool) -> bool:
+    return zeros or base.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
 
 
 def _row_split(name: str, rows: int, config: dict[str, Any]) -> list[tuple[str, int, int]]:
@@ -125,16 +135,17 @@ def _row_split(name: str, rows: int, config: dict[str, Any]) -> list[tuple[str, 
     return [(base, 0, rows)]
 
 
-def _quantized_layout(name: str, shape: tuple[int, ...], config: dict[str, Any], *, bits: int, block_size: int
-                      ) -> list[tuple[str, str, tuple[int, ...]]]:
+def _quantized_layout(name: str, shape: tuple[int, ...], config: dict[str, Any], *, bits: int, block_size: int,
+                      zeros: bool) -> list[tuple[str, str, tuple[int, ...]]]:
     out_features, in_features = shape
     k_blocks = in_features // block_size
     layout = []
     for base, first, end in _row_split(name, out_features, config):
         rows = end - first
         layout += [(f"{base}.qweight", "U8", (rows, in_features * bits // 8)),
-                   (f"{base}.scales", "F32", (rows, k_blocks)),
-                   (f"{base}.qzeros", "U8", (rows, (k_blocks * bits + 7) // 8))]
+                   (f"{base}.scales", "F32", (rows, k_blocks))]
+        if _needs_zeros(base, zeros):
+            layout.append((f"{base}.qzeros", "U8", (rows, (k_blocks * bits + 7) // 8)))
     return layout
 
 
@@ -143,6 +154,7 @@ def write_prequantized(source: Path, output: Path, *, bits: int, block_size: int
     """Write the olive-format checkpoint of ``source`` into ``output`` (an empty or new folder)."""
     output.mkdir(parents=True, exist_ok=True)
     config = json.loads((source / "config.json").read_text())
+    zeros = not symmetric or algo == "k_quant"  # as rtn_quantize: symmetric RTN writes no zero points
     workers = workers or min(4, os.cpu_count() or 1)
     started = time.perf_counter()
     quantized = 0
@@ -152,7 +164,8 @@ def write_prequantized(source: Path, output: Path, *, bits: int, block_size: int
             layout: list[tuple[str, str, tuple[int, ...]]] = []
             for entry in entries:
                 if LINEAR.match(entry.name):
-                    layout += _quantized_layout(entry.name, entry.shape, config, bits=bits, block_size=block_size)
+                    layout += _quantized_layout(entry.name, entry.shape, config, bits=bits, block_size=block_size,
+                                                zeros=zeros)
                 else:
                     layout.append((entry.name, entry.dtype, entry.shape))
             writer = StreamingWriter(output / path.name, layout, {"format": "pt"})
@@ -168,7 +181,9 @@ def write_prequantized(source: Path, output: Path, *, bits: int, block_size: int
                     for base, first, end in _row_split(entry.name, qweight.shape[0], config):
                         writer.write(f"{base}.qweight", qweight[first:end])
                         writer.write(f"{base}.scales", scales[first:end])
-                        writer.write(f"{base}.qzeros", qzeros[first:end])
+                        if _needs_zeros(base, zeros):
+                            writer.write(f"{base}.qzeros", qzeros[first:end] if qzeros is not None else
+                                         implied_zeros(end - first, scales.shape[1], bits))
 
             for entry in entries:
                 if LINEAR.match(entry.name):
