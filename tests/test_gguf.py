@@ -116,39 +116,38 @@ def test_phi4_style_needs_and_accepts_a_pre_tokenizer(tiny_phi4: Path, tmp_path:
         runner.close()
 
 
-def test_f16_intermediate_is_built_once(untrained_phi3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
+def _record_conversions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Path]]:
+    """Every converter call from now on, as (precision, output path)."""
+    calls: list[tuple[str, Path]] = []
     real_convert = gguf_module.convert
 
-    def counting_convert(source, output, precision, **kwargs):
-        calls.append(precision)
+    def recording_convert(source, output, precision, **kwargs):
+        calls.append((precision, output))
         return real_convert(source, output, precision, **kwargs)
 
-    monkeypatch.setattr(gguf_module, "convert", counting_convert)
+    monkeypatch.setattr(gguf_module, "convert", recording_convert)
+    return calls
+
+
+def test_f16_intermediate_is_built_once(untrained_phi3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _record_conversions(monkeypatch)
     result = _quantize(untrained_phi3, tmp_path / "a", "Q4_K_M", "Q5_K_M", "Q4_0")
-    assert not result.failures and calls == ["F16"]
+    assert not result.failures and [p for p, _ in calls] == ["F16"]
     calls.clear()
     # When F16 is itself requested, that file is the intermediate: still one conversion.
     result = _quantize(untrained_phi3, tmp_path / "b", "F16", "Q6_K", "Q3_K_M")
-    assert not result.failures and calls == ["F16"]
+    assert not result.failures and [p for p, _ in calls] == ["F16"]
     assert not list((tmp_path / "a").glob(".hubquant-tmp-*")), "the intermediate is not left behind"
 
 
 def test_intermediates_go_to_the_scratch_folder(untrained_phi3: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[Path] = []
-    real_convert = gguf_module.convert
-
-    def watching_convert(source, output, precision, **kwargs):
-        seen.append(output)
-        return real_convert(source, output, precision, **kwargs)
-
-    monkeypatch.setattr(gguf_module, "convert", watching_convert)
+    calls = _record_conversions(monkeypatch)
     scratch = tmp_path / "scratch"
     code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q4_0", "--output", str(tmp_path / "out"),
                            "--scratch", str(scratch), "--no-track")
     assert code == 0, err
-    assert "intermediates in" in err and seen and seen[0].is_relative_to(scratch)
+    assert "intermediates in" in err and calls and calls[0][1].is_relative_to(scratch)
     assert scratch.is_dir() and not list(scratch.iterdir()), "the intermediate and its folder are removed"
     assert not list((tmp_path / "out").glob(".hubquant-tmp-*"))
     (tmp_path / "a-file").write_text("x")
