@@ -158,7 +158,8 @@ def _quantize(source: SourceModel, exporters: dict[str, Exporter], recipe: Recip
     outcomes: dict[int, VariantResult] = {}
     runs: dict[int, str] = {}
 
-    for fmt, exporter in exporters.items():
+    # The formats with the largest temporaries first (stable for equal ones: recipe order).
+    for fmt, exporter in sorted(exporters.items(), key=lambda item: -item[1].scratch_share):
         tools = exporter.tool_versions()
         jobs: list[tuple[int, VariantSpec, ExportJob, Path, str]] = []
         for index, spec in enumerate(recipe.variants):

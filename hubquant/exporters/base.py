@@ -89,6 +89,10 @@ class Exporter:
     Options: ClassVar[type[ExporterOptions]] = ExporterOptions
     #: Distributions whose versions shape this format's bytes (recorded and part of the cache key).
     tool_distributions: ClassVar[tuple[str, ...]] = ()
+    #: Temporary disk an export needs, as a share of the source's weight bytes (the GGUF F16 file,
+    #: the OpenVINO full-precision IR: 1.0). Formats needing more are built first, before the
+    #: finished variants of the others fill the disk, which lowers a multi-format run's peak.
+    scratch_share: ClassVar[float] = 0.0
 
     # -- validation (cheap, no heavy imports) --------------------------------------------------
     @classmethod

@@ -88,6 +88,7 @@ class GGUFExporter(Exporter):
     name = "gguf"
     description = "llama.cpp GGUF (llama.cpp, llama-cpp-python, ollama, LM Studio)"
     extra = "gguf"
+    scratch_share = 1.0  # the F16 intermediate
     precisions = {"F32": "32-bit float", "F16": "16-bit float", "BF16": "bfloat16", "Q8_0": "8.5 bpw legacy",
                   **QUANTIZE_TYPES}
     generic_precisions = {"int4": "Q4_K_M", "int8": "Q8_0", "fp16": "F16", "fp32": "F32"}

@@ -64,6 +64,7 @@ class ONNXExporter(Exporter):
     name = "onnx"
     description = "ONNX Runtime GenAI (onnxruntime-genai; cpu, cuda, dml, webgpu)"
     extra = "onnx"
+    scratch_share = 0.3  # the prequantized checkpoint
     precisions = {"int4": "4-bit MatMulNBits", "int8": "8-bit MatMulNBits", "fp16": "16-bit float (GPU targets)",
                   "bf16": "bfloat16 (cuda)", "fp32": "32-bit float"}
     generic_precisions = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}

@@ -81,6 +81,7 @@ class OpenVINOExporter(Exporter):
     name = "openvino"
     description = "OpenVINO IR (optimum-intel + NNCF; OVModelForCausalLM, openvino-genai)"
     extra = "openvino"
+    scratch_share = 1.0  # the full-precision IR
     precisions = {"int4": "4-bit NNCF weight compression", "int8": "8-bit NNCF weight compression (per channel)",
                   "fp16": "16-bit float weights", "fp32": "32-bit float"}
     generic_precisions = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
