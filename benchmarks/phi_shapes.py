@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import hubquant  # noqa: F401 - first: its import work-arounds (hubquant._compat) must precede transformers
+from hubquant.safetensors_io import StreamingWriter
 
 #: The published configurations (from each model's config.json on the Hub).
 SHAPES: dict[str, dict] = {
@@ -95,21 +95,16 @@ def write_weights(folder: Path, shape: dict, *, seed: int = 0) -> int:
     weight_map, total = {}, 0
     for index, shard in enumerate(plan, 1):
         file_name = f"model-{index:05d}-of-{len(plan):05d}.safetensors" if len(plan) > 1 else "model.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, dims in shard:
-            nbytes = int(np.prod(dims)) * 2
-            header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = file_name
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        with open(folder / file_name, "wb") as handle:
-            handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        writer = StreamingWriter(folder / file_name, [(name, "BF16", dims) for name, dims in shard], {"format": "pt"})
+        try:
             for name, dims in shard:
                 rows, cols = (dims[0], dims[1]) if len(dims) == 2 else (1, dims[0])
-                for start in range(0, rows, ROWS_PER_CHUNK):
-                    handle.write(_bf16_rows(rng, min(ROWS_PER_CHUNK, rows - start), cols, norm=len(dims) == 1))
+                writer.write(name, (_bf16_rows(rng, min(ROWS_PER_CHUNK, rows - start), cols, norm=len(dims) == 1)
+                                    for start in range(0, rows, ROWS_PER_CHUNK)))
+                weight_map[name] = file_name
                 total += int(np.prod(dims))
+        finally:
+            writer.close()
     if len(plan) > 1:
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total * 2}, "weight_map": weight_map}, indent=2))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,6 @@ STORED: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
-NUMPY_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8",
-               np.dtype(np.int8): "I8", np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
 
 
 @dataclass(frozen=True)
@@ -81,13 +79,22 @@ class StreamingWriter:
         self.handle.write(struct.pack("<Q", len(encoded)) + encoded)
         self.position = 0
 
-    def write(self, name: str, data: bytes | bytearray | np.ndarray) -> None:
+    def write(self, name: str, data: bytes | bytearray | np.ndarray | Iterable[bytes]) -> None:
+        """One tensor's bytes: a buffer, an array, or chunks in order (a tensor too big to hold)."""
         expected_name, nbytes = self.expected[self.position]
-        payload = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data
-        if name != expected_name or len(payload) != nbytes:
-            raise ValueError(f"safetensors writer: got {name} ({len(payload)} bytes), "
+        if isinstance(data, np.ndarray):
+            parts: Iterable = [memoryview(np.ascontiguousarray(data)).cast("B")]
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            parts = [data]
+        else:
+            parts = data
+        written = 0
+        if name == expected_name:
+            for part in parts:
+                written += self.handle.write(part)
+        if name != expected_name or written != nbytes:
+            raise ValueError(f"safetensors writer: got {name} ({written} bytes), "
                              f"expected {expected_name} ({nbytes} bytes)")
-        self.handle.write(payload)
         self.position += 1
 
     def close(self) -> None:
@@ -98,9 +105,3 @@ class StreamingWriter:
 
 def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
-
-
-def iter_entries(folder: Path) -> Iterator[tuple[Path, TensorEntry]]:
-    for path in checkpoint_files(folder):
-        for entry in read_header(path)[0]:
-            yield path, entry

@@ -132,25 +132,17 @@ class ONNXExporter(Exporter):
 
     @staticmethod
     def builder_input(source: "SourceModel", work_dir: Path) -> Path:
-        """The folder the builder reads: the source itself, or a view of it with a fixed config.
-
-        The 0.18 builder reads a long-rope model's mscale policy from ``rope_parameters["type"]``;
-        transformers 5 saves only ``rope_type`` there, and the builder then stops with
-        ``KeyError: 'type'``. The view links every source file and carries a config with both keys,
-        so the user's folder is never touched.
-        """
+        """The folder the builder reads: the source itself, or a view of it whose config the 0.18
+        builder can read (see :func:`hubquant.exporters.onnx_prequant.builder_config`)."""
         import json
-        import os
 
-        rope = source.config.get("rope_parameters")
-        if not isinstance(rope, dict) or rope.get("rope_type") != "longrope" or "type" in rope:
+        from hubquant.exporters.onnx_prequant import builder_config, link_companions
+
+        config = builder_config(source.config)
+        if config is None:
             return source.path
         view = work_dir / "builder-input"
-        view.mkdir(parents=True, exist_ok=True)
-        for item in source.path.iterdir():
-            if item.name != "config.json" and not (view / item.name).exists():
-                os.symlink(item, view / item.name)
-        config = dict(source.config, rope_parameters={**rope, "type": rope["rope_type"]})
+        link_companions(source.path, view, weights=True)
         (view / "config.json").write_text(json.dumps(config, indent=2))
         return view
 

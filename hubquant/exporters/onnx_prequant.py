@@ -38,7 +38,31 @@ from hubquant.safetensors_io import StreamingWriter, checkpoint_files, read_floa
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))\.weight$")
 ARCHITECTURES = ("Phi3ForCausalLM",)
 ALGOS = ("rtn", "k_quant")
-SKIP_FILES = {"model.safetensors.index.json", "config.json"}
+SKIP_FILES = {"config.json"}
+
+
+def builder_config(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The config the 0.18 builder can read, or None when the source's own one will do.
+
+    The builder reads a long-rope model's mscale policy from ``rope_parameters["type"]``;
+    transformers 5 saves only ``rope_type`` there, and the builder then stops with
+    ``KeyError: 'type'``. The returned config carries both keys.
+    """
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or rope.get("rope_type") != "longrope" or "type" in rope:
+        return None
+    return dict(config, rope_parameters={**rope, "type": rope["rope_type"]})
+
+
+def link_companions(source: Path, view: Path, *, weights: bool) -> None:
+    """Link the source's files into ``view`` (never config.json; weight files only with ``weights``),
+    so the user's folder is never touched."""
+    view.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        weight_file = item.suffix == ".safetensors" or item.name == "model.safetensors.index.json"
+        skip = item.name in SKIP_FILES or item.name.startswith(".") or (weight_file and not weights)
+        if not skip and not (view / item.name).exists():
+            os.symlink(item.resolve(), view / item.name)
 
 
 def unsupported_reason(config: dict[str, Any], folder: Path, *, precision: str, options: dict[str, Any]) -> str | None:
@@ -198,17 +222,10 @@ def write_prequantized(source: Path, output: Path, *, bits: int, block_size: int
             drain(0)
             writer.close()
             log(f"prequantized {path.name}")
-    for item in source.iterdir():
-        if item.name in SKIP_FILES or item.suffix == ".safetensors" or item.name.startswith("."):
-            continue
-        target = output / item.name
-        if not target.exists():
-            os.symlink(item.resolve(), target)
+    link_companions(source, output, weights=False)
+    config = builder_config(config) or config
     config["quantization_config"] = {"quant_method": "olive", "bits": bits, "group_size": block_size,
                                      "sym": symmetric, "desc_act": False}
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and rope.get("rope_type") == "longrope" and "type" not in rope:
-        config["rope_parameters"] = {**rope, "type": rope["rope_type"]}  # see ONNXExporter.builder_input
     (output / "config.json").write_text(json.dumps(config, indent=2))
     return {"tensors_quantized": quantized, "seconds": round(time.perf_counter() - started, 2), "workers": workers}
 
