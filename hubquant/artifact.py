@@ -21,9 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import ArtifactError, OutputError
+from hubquant.records import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    Evaluation,
+    FileEntry,
+    Manifest,
+    SourceFacts,
+    VariantRecord,
+    read_evaluation,
+    read_manifest,
+    write_manifest_file,
+)
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 _TMP_MARK = ".hubquant-tmp-"
 
 
@@ -141,33 +151,41 @@ def cache_key(*, source_fingerprint: str, spec: dict[str, Any], tools: dict[str,
 
 @dataclass
 class Artifact:
-    """A finished variant on disk: its folder and what its manifest says."""
+    """A finished variant on disk: its folder and its manifest."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     reused: bool = False
     warnings: list[str] = field(default_factory=list)
 
     @property
     def format(self) -> str:
-        return self.manifest["variant"]["format"]
+        return self.manifest.variant.format
 
     @property
     def precision(self) -> str:
-        return self.manifest["variant"]["precision"]
+        return self.manifest.variant.precision
 
     @property
-    def files(self) -> list[dict[str, Any]]:
-        return self.manifest["files"]
+    def options(self) -> dict[str, Any]:
+        return self.manifest.variant.options
+
+    @property
+    def files(self) -> list[FileEntry]:
+        return self.manifest.files
 
     @property
     def size_bytes(self) -> int:
         """Bytes of the model files (the manifest itself excluded)."""
-        return sum(f["size"] for f in self.files)
+        return sum(f.size for f in self.files)
 
-    def main_file(self) -> dict[str, Any]:
+    def main_file(self) -> FileEntry:
         """The largest file: the weights a user downloads."""
-        return max(self.files, key=lambda f: f["size"])
+        return max(self.files, key=lambda f: f.size)
+
+    def evaluation(self) -> Evaluation | None:
+        """The ``eval.json`` beside the artifact, when it has one of the current schema."""
+        return read_evaluation(self.path)
 
     def summary(self) -> dict[str, Any]:
         """What ``--json`` prints for this artifact."""
@@ -176,18 +194,27 @@ class Artifact:
             "path": str(self.path),
             "format": self.format,
             "precision": self.precision,
-            "options": self.manifest["variant"]["options"],
+            "options": self.options,
             "size": self.size_bytes,
-            "file": main["path"],
-            "sha256": main["sha256"],
+            "file": main.path,
+            "sha256": main.sha256,
             "reused": self.reused,
-            "warnings": self.warnings or self.manifest.get("warnings", []),
+            "warnings": self.warnings or self.manifest.warnings,
         }
 
 
-def write_manifest(folder: Path, *, variant: dict[str, Any], source: dict[str, Any], tools: dict[str, str],
-                   key: str, export_seconds: float, shared_seconds: float, warnings: list[str],
-                   settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_manifest(
+    folder: Path,
+    *,
+    variant: dict[str, Any],
+    source: dict[str, Any],
+    tools: dict[str, str],
+    key: str,
+    export_seconds: float,
+    shared_seconds: float,
+    warnings: list[str],
+    settings: dict[str, Any] | None = None,
+) -> Manifest:
     """Hash every file in ``folder`` and write ``manifest.json``; return the manifest.
 
     ``export_seconds`` is the variant's own step; ``shared_seconds`` the intermediates it needed
@@ -195,25 +222,25 @@ def write_manifest(folder: Path, *, variant: dict[str, Any], source: dict[str, A
     """
     from hubquant import __version__
 
-    files = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files.append({"path": path.relative_to(folder).as_posix(), "size": path.stat().st_size,
-                      "sha256": sha256_file(path)})
-    manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "hubquant_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "variant": variant,
-        "source": source,
-        "tools": tools,
-        "cache_key": key,
-        "export_seconds": round(export_seconds, 3),
-        "shared_seconds": round(shared_seconds, 3),
-        "warnings": warnings,
-        **({"settings": settings} if settings else {}),
-        "files": files,
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    files = [
+        FileEntry(path=path.relative_to(folder).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    ]
+    manifest = Manifest(
+        manifest_version=MANIFEST_VERSION,
+        hubquant_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        variant=VariantRecord.model_validate(variant),
+        source=SourceFacts.model_validate(source),
+        tools=tools,
+        cache_key=key,
+        export_seconds=round(export_seconds, 3),
+        shared_seconds=round(shared_seconds, 3),
+        warnings=warnings,
+        settings=settings or None,
+        files=files,
+    )
+    write_manifest_file(folder, manifest)
     return manifest
 
 
@@ -224,19 +251,24 @@ def load_artifact(path: str | Path) -> Artifact:
         ArtifactError: no folder, no manifest, or an unreadable one.
     """
     path = Path(path)
-    manifest_path = path / MANIFEST
     if not path.is_dir():
-        raise ArtifactError(f"artifact folder not found: {path}", path=path,
-                            hint="pass a folder written by 'hubquant quantize'")
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{path} has no {MANIFEST}", path=path,
-                            hint="pass a folder written by 'hubquant quantize' (it writes the manifest last)")
+        raise ArtifactError(
+            f"artifact folder not found: {path}", path=path, hint="pass a folder written by 'hubquant quantize'"
+        )
+    if not (path / MANIFEST).is_file():
+        raise ArtifactError(
+            f"{path} has no {MANIFEST}",
+            path=path,
+            hint="pass a folder written by 'hubquant quantize' (it writes the manifest last)",
+        )
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        manifest["variant"]["format"], manifest["files"]  # noqa: B018 - shape check
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{manifest_path} is not a hubquant manifest ({exc})", path=path,
-                            hint="rebuild the artifact with 'hubquant quantize --force'") from None
+        manifest = read_manifest(path)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path / MANIFEST} is not a hubquant manifest ({exc})",
+            path=path,
+            hint="rebuild the artifact with 'hubquant quantize --force'",
+        ) from None
     return Artifact(path=path, manifest=manifest)
 
 
@@ -246,11 +278,11 @@ def reusable_artifact(path: Path, key: str) -> Artifact | None:
         artifact = load_artifact(path)
     except ArtifactError:
         return None
-    if artifact.manifest.get("cache_key") != key:
+    if artifact.manifest.cache_key != key:
         return None
     for entry in artifact.files:
-        file = path / entry["path"]
-        if not file.is_file() or file.stat().st_size != entry["size"]:
+        file = path / entry.path
+        if not file.is_file() or file.stat().st_size != entry.size:
             return None
     artifact.reused = True
     return artifact

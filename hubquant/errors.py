@@ -112,3 +112,26 @@ class MissingDependencyError(HubquantError, ImportError):
 
 class RegistryError(HubquantError, TypeError):
     """An exporter class was declared wrongly or registered twice (a programming error)."""
+
+
+class EvaluationError(HubquantError, ValueError):
+    """The evaluation cannot run on the given text or artifacts, or a runtime failed while measuring."""
+
+
+class HubError(HubquantError):
+    """Publishing failed; the hint says what to do. The repo is left as it was."""
+
+
+class TrackingError(HubquantError, ConnectionError):
+    """The MLflow tracking store cannot be used."""
+
+
+def key_path(parts: "list[str | int] | tuple[str | int, ...]") -> str:
+    """One spelling of a recipe key path: ``variants[0].options.group_size``."""
+    text = ""
+    for part in parts:
+        if isinstance(part, int) or (isinstance(part, str) and part.isdigit()):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text

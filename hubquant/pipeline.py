@@ -1,8 +1,10 @@
 """Runs the flow for a recipe; the only module that knows the order of the stages.
 
-For now the flow is: resolve the source → validate the output → for each format, reuse the
-variants whose inputs are unchanged and export the others (all variants of a format in one call,
-so intermediates are shared) → write each manifest and move each finished folder into place.
+quantize: resolve the source → validate the output → for each format (largest temporaries first),
+reuse the variants whose inputs are unchanged and export the others (all variants of a format in
+one call, so intermediates are shared) → write each manifest and move each finished folder into
+place. evaluate: build the full-precision form of any runtime the run has none of (its fidelity
+floor; deleted after) → measure everything → record. publish: quantize → evaluate → gate → push.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,8 +36,11 @@ from hubquant.recipe import Recipe, VariantSpec
 from hubquant.source import SourceModel, resolve_source
 
 if TYPE_CHECKING:
-    from hubquant.evaluate import EvalSettings, EvalText
-    from hubquant.tracking import Tracker
+    from hubquant.evaluate import EvalSettings, GateSettings
+    from hubquant.publishing import PushOutcome, PushSettings
+    from hubquant.records import Evaluation
+    from hubquant.text import EvalText
+    from hubquant.tracking import LogCapture, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +89,12 @@ class QuantizeResult:
 def _as_export_error(exc: BaseException, spec: VariantSpec) -> HubquantError:
     if isinstance(exc, HubquantError):
         return exc
-    return ExportError(f"{spec.format} {spec.precision} failed: {type(exc).__name__}: {exc}", format=spec.format,
-                       precision=spec.precision, hint="run with HUBQUANT_DEBUG=1 for the full log")
+    return ExportError(
+        f"{spec.format} {spec.precision} failed: {type(exc).__name__}: {exc}",
+        format=spec.format,
+        precision=spec.precision,
+        hint="run with HUBQUANT_DEBUG=1 for the full log",
+    )
 
 
 def _open_tracker(source: SourceModel, tracking: TrackingSettings | None, experiment: str | None) -> Tracker | None:
@@ -100,12 +110,24 @@ def _open_tracker(source: SourceModel, tracking: TrackingSettings | None, experi
 def _summary(tracker: Tracker | None) -> TrackingSummary | None:
     if tracker is None or tracker.parent_id is None:
         return None
-    return TrackingSummary(uri=tracker.uri, experiment=tracker.experiment_name, parent_run_id=tracker.parent_id,
-                           where=tracker.parent_url)
+    return TrackingSummary(
+        uri=tracker.uri, experiment=tracker.experiment_name, parent_run_id=tracker.parent_id, where=tracker.parent_url
+    )
 
 
-def quantize(recipe: Recipe, *, force: bool = False, progress: Progress | None = None,
-             tracking: TrackingSettings | None = None) -> QuantizeResult:
+def _progress(capture: LogCapture, progress: Progress | None) -> Progress:
+    say_user = progress or (lambda line: None)
+
+    def say(line: str) -> None:
+        capture.progress(line)
+        say_user(line)
+
+    return say
+
+
+def quantize(
+    recipe: Recipe, *, force: bool = False, progress: Progress | None = None, tracking: TrackingSettings | None = None
+) -> QuantizeResult:
     """Build (or reuse) every variant of an already validated recipe.
 
     Args:
@@ -122,9 +144,8 @@ def quantize(recipe: Recipe, *, force: bool = False, progress: Progress | None =
             before any work.
     """
     source = resolve_source(recipe.source, revision=recipe.revision)
-    exporters = {spec.format: get_exporter(spec.format)() for spec in recipe.variants}
-    for exporter in exporters.values():
-        exporter.check_installed()
+    for spec in recipe.variants:
+        get_exporter(spec.format).check_installed()
     output = Path(recipe.output)
     tracker = _open_tracker(source, tracking, recipe.experiment)
     with contextlib.ExitStack() as stack:
@@ -133,7 +154,9 @@ def quantize(recipe: Recipe, *, force: bool = False, progress: Progress | None =
         if recipe.scratch is not None:
             prepare_output_root(Path(recipe.scratch), what="scratch")
         created = prepare_output_root(output)
-        result = _quantize(source, exporters, recipe, output, force=force, progress=progress, tracker=tracker)
+        result = build_variants(
+            source, recipe.variants, output, scratch=recipe.scratch, force=force, progress=progress, tracker=tracker
+        )
         result.tracking = _summary(tracker)
     if created and not result.artifacts:
         # Nothing was produced: leave no empty output folder behind.
@@ -142,27 +165,38 @@ def quantize(recipe: Recipe, *, force: bool = False, progress: Progress | None =
     return result
 
 
-def _quantize(source: SourceModel, exporters: dict[str, Exporter], recipe: Recipe, output: Path, *, force: bool,
-              progress: Progress | None, tracker: Tracker | None) -> QuantizeResult:
+@dataclass
+class _Job:
+    index: int
+    spec: VariantSpec
+    job: ExportJob
+    target: Path
+    key: str
+
+
+def build_variants(
+    source: SourceModel,
+    specs: list[VariantSpec],
+    output: Path,
+    *,
+    scratch: Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    tracker: Tracker | None = None,
+) -> QuantizeResult:
+    """Export (or reuse) ``specs`` into ``output``, format by format, the largest temporaries first."""
     from hubquant.tracking import LogCapture
 
     capture = LogCapture()
-    say_user = progress or (lambda line: None)
-
-    def say(line: str) -> None:
-        capture.progress(line)
-        say_user(line)
-
+    say = _progress(capture, progress)
     remove_stale_temporaries(output)
-    result = QuantizeResult(source=source, output=output)
     outcomes: dict[int, VariantResult] = {}
     runs: dict[int, str] = {}
-
-    # The formats with the largest temporaries first (stable for equal ones: recipe order).
+    exporters = {spec.format: get_exporter(spec.format)() for spec in specs}
     for fmt, exporter in sorted(exporters.items(), key=lambda item: -item[1].scratch_share):
         tools = exporter.tool_versions()
-        jobs: list[tuple[int, VariantSpec, ExportJob, Path, str]] = []
-        for index, spec in enumerate(recipe.variants):
+        jobs: list[_Job] = []
+        for index, spec in enumerate(specs):
             if spec.format != fmt:
                 continue
             target = output / exporter.folder_name(source, spec.precision, spec.options)
@@ -174,39 +208,12 @@ def _quantize(source: SourceModel, exporters: dict[str, Exporter], recipe: Recip
                 say(f"{spec.label}: reusing {target} (inputs unchanged; --force rebuilds)")
                 outcomes[index] = VariantResult(spec=spec, artifact=reused)
                 continue
-            staging = new_staging_folder(target)
-            jobs.append((index, spec, ExportJob(precision=spec.precision, options=dict(spec.options), folder=staging,
-                                                warnings=[]), target, key))
-        if not jobs:
-            continue
-        try:
-            scratch = Path(recipe.scratch) if recipe.scratch is not None else output
-            with tempfile.TemporaryDirectory(prefix=".hubquant-tmp-work-", dir=scratch) as work_dir, capture:
-                if recipe.scratch is not None:
-                    say(f"{fmt}: intermediates in {work_dir}")
-                errors = exporter.export(source, [job for _, _, job, _, _ in jobs], work_dir=Path(work_dir),
-                                         progress=say)
-            for index, spec, job, target, key in jobs:
-                error = errors.get(job.folder.name, ExportError(f"{spec.label} was not built", format=fmt))
-                if error is not None:
-                    discard_staging_folder(job.folder)
-                    outcomes[index] = VariantResult(spec=spec, error=_as_export_error(error, spec))
-                    log.debug("%s failed", spec.label, exc_info=error)
-                    continue
-                say(f"{spec.label}: hashing and writing the manifest")
-                manifest = write_manifest(job.folder, variant=spec.model_dump(mode="json"), source=source.facts(),
-                                          tools=tools, key=key, export_seconds=job.seconds,
-                                          shared_seconds=job.shared_seconds, warnings=job.warnings,
-                                          settings=job.settings)
-                commit_staging_folder(job.folder, target)
-                outcomes[index] = VariantResult(spec=spec, artifact=Artifact(path=target, manifest=manifest,
-                                                                             warnings=list(job.warnings)))
-        finally:
-            for _, _, job, _, _ in jobs:
-                if job.folder.exists():
-                    discard_staging_folder(job.folder)
-
-    result.variants = [outcomes[i] for i in sorted(outcomes)]
+            job = ExportJob(precision=spec.precision, options=dict(spec.options), folder=new_staging_folder(target))
+            jobs.append(_Job(index, spec, job, target, key))
+        if jobs:
+            with capture:
+                _export_format(source, exporter, jobs, tools, scratch=scratch or output, say=say, outcomes=outcomes)
+    result = QuantizeResult(source=source, output=output, variants=[outcomes[i] for i in sorted(outcomes)])
     if tracker is not None:
         for index, outcome in outcomes.items():
             if outcome.artifact is not None:
@@ -217,171 +224,169 @@ def _quantize(source: SourceModel, exporters: dict[str, Exporter], recipe: Recip
     return result
 
 
+def _export_format(
+    source: SourceModel,
+    exporter: Exporter,
+    jobs: list[_Job],
+    tools: dict[str, str],
+    *,
+    scratch: Path,
+    say: Progress,
+    outcomes: dict[int, VariantResult],
+) -> None:
+    """One format's variants in one export call; each finished folder gets its manifest and moves into place."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=".hubquant-tmp-work-", dir=scratch) as work_dir:
+            if scratch.resolve() != Path(jobs[0].target).parent.resolve():
+                say(f"{exporter.name}: intermediates in {work_dir}")
+            errors = exporter.export(source, [j.job for j in jobs], work_dir=Path(work_dir), progress=say)
+        for item in jobs:
+            spec, job = item.spec, item.job
+            error = errors.get(job.name, ExportError(f"{spec.label} was not built", format=exporter.name))
+            if error is not None:
+                discard_staging_folder(job.folder)
+                outcomes[item.index] = VariantResult(spec=spec, error=_as_export_error(error, spec))
+                log.debug("%s failed", spec.label, exc_info=error)
+                continue
+            say(f"{spec.label}: hashing and writing the manifest")
+            manifest = write_manifest(
+                job.folder,
+                variant=spec.model_dump(mode="json"),
+                source=source.facts(),
+                tools=tools,
+                key=item.key,
+                export_seconds=job.seconds,
+                shared_seconds=job.shared_seconds,
+                warnings=job.warnings,
+                settings=job.settings,
+            )
+            commit_staging_folder(job.folder, item.target)
+            outcomes[item.index] = VariantResult(
+                spec=spec, artifact=Artifact(path=item.target, manifest=manifest, warnings=list(job.warnings))
+            )
+    finally:
+        for item in jobs:
+            if item.job.folder.exists():
+                discard_staging_folder(item.job.folder)
+
+
 @dataclass
 class EvalResult:
-    rows: list
+    rows: list[Evaluation]
     tracking: TrackingSummary | None = None
     plot: Path | None = None
 
+    @property
+    def failures(self) -> list[Evaluation]:
+        """Variants that could not be measured."""
+        return [row for row in self.rows if row.error]
 
-def evaluate_artifacts(artifacts: list[Artifact], source: SourceModel, *, text: "EvalText", settings: "EvalSettings",
-                       max_ppl_delta: float | None = None, max_kl: float | None = None, plot: Path | None = None,
-                       progress: Progress | None = None, tracking: TrackingSettings | None = None,
-                       reuse: bool = False) -> EvalResult:
-    """Measure artifacts, draw the chart, and record everything on each variant's MLflow run.
+
+@contextlib.contextmanager
+def floor_artifacts(
+    artifacts: list[Artifact],
+    source: SourceModel,
+    *,
+    text: EvalText,
+    settings: EvalSettings,
+    progress: Progress,
+    scratch: Path | None = None,
+) -> Iterator[dict[str, Artifact]]:
+    """Build the full-precision form of every runtime the run has none of (and whose floor is not cached):
+    cache key → artifact, deleted when the evaluation is done."""
+    from hubquant.fidelity import floor_cached, plan_floors
+
+    plans = plan_floors(artifacts, source) if settings.fidelity and artifacts else []
+    missing = [p for p in plans if p.artifact is None and not floor_cached(source, text, settings, p.key)]
+    if not missing:
+        yield {}
+        return
+    where = scratch or artifacts[0].path.parent
+    with tempfile.TemporaryDirectory(prefix=".hubquant-tmp-floors-", dir=where) as tmp:
+        for plan in missing:
+            progress(
+                f"{plan.format} floor: building {plan.precision} (unquantized) to measure the runtime itself; "
+                "deleted after"
+            )
+        specs = [VariantSpec.model_validate(plan.spec()) for plan in missing]
+        built = build_variants(source, specs, Path(tmp), scratch=scratch, progress=progress)
+        for failure in built.failures:
+            progress(
+                f"{failure.spec.format} floor: not built ({failure.error.message if failure.error else ''}); "
+                "its variants get no quantization-only figures"
+            )
+        yield {artifact.manifest.cache_key: artifact for artifact in built.artifacts}
+
+
+def evaluate_artifacts(
+    artifacts: list[Artifact],
+    source: SourceModel,
+    *,
+    text: EvalText,
+    settings: EvalSettings,
+    gate: GateSettings | None = None,
+    plot: Path | None = None,
+    progress: Progress | None = None,
+    tracking: TrackingSettings | None = None,
+    reuse: bool = False,
+    scratch: Path | None = None,
+) -> EvalResult:
+    """Measure artifacts (and their runtimes' floors), draw the chart, and record each variant's MLflow run.
 
     Raises:
         TrackingError: the tracking server is unreachable (checked before measuring).
         ArtifactError, EvaluationError: see :func:`hubquant.evaluate.evaluate`.
     """
     from hubquant.evaluate import evaluate
-    from hubquant.recipe import VariantSpec
     from hubquant.tracking import LogCapture
 
     tracker = _open_tracker(source, tracking, None)
     capture = LogCapture()
-    say_user = progress or (lambda line: None)
-
-    def say(line: str) -> None:
-        capture.progress(line)
-        say_user(line)
-
+    say = _progress(capture, progress)
     with contextlib.ExitStack() as stack:
         if tracker is not None:
             stack.enter_context(tracker)
-        with capture:
-            rows = evaluate(artifacts, source, text=text, settings=settings, max_ppl_delta=max_ppl_delta,
-                            max_kl=max_kl, progress=say, reuse=reuse)
+        with (
+            capture,
+            floor_artifacts(artifacts, source, text=text, settings=settings, progress=say, scratch=scratch) as built,
+        ):
+            rows = evaluate(
+                artifacts,
+                source,
+                text=text,
+                settings=settings,
+                gate=gate,
+                progress=say,
+                reuse=reuse,
+                built_floors=built,
+            )
         if plot is not None:
             from hubquant.plot import plot_tradeoff
 
-            plot = plot_tradeoff(rows, plot, title=source.name)
+            plot = plot_tradeoff([r for r in rows if not r.error], plot, title=source.name)
         if tracker is not None:
-            by_path = {str(a.path): a for a in artifacts}
-            for row in rows[1:]:
-                artifact = by_path[row.path]
-                variant = artifact.manifest["variant"]
-                spec = VariantSpec(format=variant["format"], precision=variant["precision"],
-                                   options=variant["options"])
-                run_id = tracker.variant_run(spec, key=artifact.manifest["cache_key"], name=artifact.path.name)
-                tracker.log_artifact_files(run_id, artifact)
-                tracker.log_evaluation(run_id, row, eval_json=artifact.path / "eval.json", model_name=artifact.path.name)
-                tracker.client.log_text(run_id, capture.text(), "logs/eval.log")
-                tracker.finish_variant(run_id)
-            tracker.log_comparison(rows, plot=plot)
+            _record_evaluation(tracker, artifacts, rows, capture, plot)
         return EvalResult(rows=rows, tracking=_summary(tracker), plot=plot)
 
 
-@dataclass
-class PushSettings:
-    """How ``hubquant push`` publishes: where, to whom, and whether for real."""
+def _record_evaluation(
+    tracker: Tracker, artifacts: list[Artifact], rows: list[Evaluation], capture: LogCapture, plot: Path | None
+) -> None:
+    from hubquant.errors import EvaluationError
 
-    namespace: str | None = None
-    repo_id: str | None = None
-    templates: dict[str, str] = field(default_factory=dict)
-    private: bool = False
-    create_pr: bool = False
-    revision: str | None = None
-    dry_run: bool = False
-    stage_dir: Path = Path("hubquant-hub-staging")
-    base_model: str | None = None
-    collection: bool = True
-    track: bool = True
-
-
-@dataclass
-class PushOutcome:
-    results: list
-    dry_run: bool
-    reason: str = ""
-
-
-def push_artifacts(artifacts: list[Artifact], settings: PushSettings, *, token: str | None,
-                   progress: Progress | None = None) -> PushOutcome:
-    """Plan the repos, render the cards, then stage them (dry run / no token) or push them.
-
-    Published commits go back to each variant's MLflow run as ``hf.*`` tags when a tracking
-    store is there (``MLFLOW_TRACKING_URI``, or ``./mlflow.db``).
-    """
-    from hubquant import hub, tracking
-
-    say = progress or (lambda line: None)
-    dry_run = settings.dry_run or not token
-    reason = "--dry-run" if settings.dry_run else "no token (set HF_TOKEN or run 'hf auth login')" if not token else ""
-    namespace = settings.namespace
-    if namespace is None and settings.repo_id:
-        namespace = settings.repo_id.split("/")[0]
-    if namespace is None and not dry_run:
-        from huggingface_hub import HfApi
-
-        try:
-            namespace = HfApi(endpoint=hub.hub_endpoint(), token=token).whoami()["name"]
-        except Exception as exc:  # noqa: BLE001
-            raise hub._translate(exc, repo_id="your namespace", endpoint=hub.hub_endpoint(),
-                                 stage_name="checking the token for") from None
-    namespace = namespace or "your-namespace"
-    plans = hub.plan_repos(artifacts, namespace=namespace, templates=settings.templates, repo_id=settings.repo_id)
-    source = artifacts[0].manifest.get("source", {})
-    base_model = settings.base_model
-    if base_model is not None and (not hub.HUB_ID_PATTERN.match(base_model) or Path(base_model).exists()):
-        from hubquant.errors import RecipeError
-
-        raise RecipeError(f"--base-model '{base_model}' is not a Hub model id", key="base_model",
-                          hint="give the source's id on the Hub, e.g. microsoft/Phi-3.5-mini-instruct")
-    # Only a Hub source (it has a revision) names its base model; a local folder never does.
-    if base_model is None and source.get("revision") and hub.HUB_ID_PATTERN.match(source.get("id") or ""):
-        base_model = source["id"]
-
-    store = tracking.publishing_store() if settings.track else None
-    runs: dict[str, str] = {}
-    if store:
-        try:
-            by_key = tracking.variant_runs(store, [a.manifest.get("cache_key", "") for a in artifacts])
-            runs = {a.path.name: by_key[a.manifest.get("cache_key", "")] for a in artifacts
-                    if a.manifest.get("cache_key", "") in by_key}
-        except Exception as exc:  # noqa: BLE001 - provenance is optional, publishing is not
-            log.warning("MLflow runs not found in %s (%s): the cards carry no run ids", store, type(exc).__name__)
-            store = None
-    with tempfile.TemporaryDirectory(prefix="hubquant-card-") as scratch:
-        say("rendering the model cards")
-        chart = hub.draw_chart(artifacts, Path(scratch))
-        hub.render(plans, base_model=base_model, chart=chart, mlflow_runs=runs)
-        if dry_run:
-            say(f"dry run ({reason}): staging under {settings.stage_dir}")
-            results = hub.stage(plans, Path(settings.stage_dir), private=settings.private,
-                                revision=settings.revision, create_pr=settings.create_pr)
-            return PushOutcome(results=results, dry_run=True, reason=reason)
-        title = f"{source.get('name', 'model')} — every format (hubquant)" if settings.collection else None
-        results = hub.push(plans, token=token or "", private=settings.private, revision=settings.revision,
-                           create_pr=settings.create_pr, collection=title, progress=say)
-    if store:
-        by_repo = {r.repo_id: r for r in results}
-        for plan in plans:
-            result = by_repo[plan.repo_id]
-            for variant in plan.variants:
-                run_id = runs.get(variant.folder)
-                if run_id and (result.commit or result.unchanged):
-                    tracking.record_publication(store, run_id, repo_id=plan.repo_id, commit=result.commit,
-                                                url=result.pr_url or result.commit_url or plan.url)
-    return PushOutcome(results=results, dry_run=False)
-
-
-def gated(artifacts: list[Artifact]) -> tuple[list[Artifact], list[tuple[Artifact, str]]]:
-    """Split artifacts into those whose ``eval.json`` passed the gate and those held back (with why)."""
-    import json
-
-    passed, held = [], []
-    for artifact in artifacts:
-        path = artifact.path / "eval.json"
-        if not path.is_file():
-            held.append((artifact, "not evaluated"))
-            continue
-        gate = json.loads(path.read_text(encoding="utf-8")).get("gate") or {"passed": True}
-        if gate.get("passed", True):
-            passed.append(artifact)
+    by_path = {str(a.path): a for a in artifacts}
+    for row in rows[1:]:
+        artifact = by_path[str(row.path)]
+        spec = VariantSpec(format=artifact.format, precision=artifact.precision, options=artifact.options)
+        run_id = tracker.variant_run(spec, key=artifact.manifest.cache_key, name=artifact.path.name)
+        tracker.log_artifact_files(run_id, artifact)
+        tracker.log_evaluation(run_id, row, eval_json=artifact.path / "eval.json", model_name=artifact.path.name)
+        tracker.client.log_text(run_id, capture.text(), "logs/eval.log")
+        if row.error:
+            tracker.fail_variant(run_id, EvaluationError(row.error))
         else:
-            held.append((artifact, "; ".join(gate.get("reasons", [])) or "failed the quality gate"))
-    return passed, held
+            tracker.finish_variant(run_id)
+    tracker.log_comparison(rows, plot=plot)
 
 
 @dataclass
@@ -392,15 +397,24 @@ class PublishResult:
     held_back: list[tuple[Artifact, str]] = field(default_factory=list)
 
 
-def publish(recipe: Recipe, *, push: PushSettings | None, token: str | None, tracking: TrackingSettings | None,
-            progress: Progress | None = None, plot: Path | None = None) -> PublishResult:
+def publish(
+    recipe: Recipe,
+    *,
+    push: PushSettings | None,
+    token: str | None,
+    tracking: TrackingSettings | None,
+    progress: Progress | None = None,
+    plot: Path | None = None,
+) -> PublishResult:
     """The whole flow: export every variant → evaluate → log to MLflow → gate → push what passed.
 
     Re-running after a failure resumes: finished artifacts are reused (cache key), evaluations too
     (same artifact, text and settings), and files the Hub already holds are not uploaded again.
     ``push=None`` stops after the gate (a GitHub Actions matrix job; the publish job pushes).
     """
-    from hubquant.evaluate import EvalSettings, eval_text
+    from hubquant.evaluate import EvalSettings, GateSettings
+    from hubquant.publishing import gated, push_artifacts
+    from hubquant.text import eval_text
 
     say = progress or (lambda line: None)
     quantized = quantize(recipe, progress=say, tracking=tracking)
@@ -408,16 +422,30 @@ def publish(recipe: Recipe, *, push: PushSettings | None, token: str | None, tra
     if not quantized.artifacts:
         return result
     section = recipe.eval
-    settings = EvalSettings(context=section.context, max_windows=section.max_windows,
-                            prompt_tokens=section.prompt_tokens, gen_tokens=section.gen_tokens,
-                            reference_weights=section.reference_weights)
-    result.evaluation = evaluate_artifacts(quantized.artifacts, quantized.source, text=eval_text(text_path=section.text),
-                                           settings=settings, max_ppl_delta=section.max_ppl_delta,
-                                           max_kl=section.max_kl, plot=plot, progress=say, tracking=tracking,
-                                           reuse=True)
+    text = eval_text(text_path=section.text, dataset=section.dataset, fallback=True)
+    if section.dataset and text.builtin:
+        say(f"evaluation: {section.dataset} cannot be loaded here (offline?); scoring the built-in text instead")
+    result.evaluation = evaluate_artifacts(
+        quantized.artifacts,
+        quantized.source,
+        text=text,
+        settings=EvalSettings.of(section),
+        gate=GateSettings.of(section),
+        plot=plot,
+        progress=say,
+        tracking=tracking,
+        reuse=True,
+        scratch=recipe.scratch,
+    )
     passed, result.held_back = gated(quantized.artifacts)
     for artifact, why in result.held_back:
         say(f"{artifact.path.name}: not published ({why})")
+    for row in result.evaluation.rows:
+        if row.fidelity is not None and row.fidelity.deviates and row.gate.passed:
+            say(
+                f"{row.label}: published with a runtime finding on its card ({row.fidelity.format} deviates "
+                "unquantized; set eval.max_runtime_kl to hold such variants back)"
+            )
     if push is not None and passed:
         result.pushed = push_artifacts(passed, push, token=token, progress=say)
     return result

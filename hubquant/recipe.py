@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hubquant.errors import RecipeError
+from hubquant.errors import RecipeError, key_path
+from hubquant.exporters.base import GENERIC_PRECISIONS
 
-#: The cross-format vocabulary every exporter maps onto its native precision names.
-GENERIC_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+__all__ = ["GENERIC_PRECISIONS", "EvalSection", "HubSection", "Recipe", "VariantSpec", "build_recipe", "load_recipe"]
 
 
 class VariantSpec(BaseModel):
@@ -56,15 +56,27 @@ class EvalSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: A text file to score; or ``dataset`` (NAME[:CONFIG[:SPLIT]]) — the built-in text when it cannot be loaded.
     text: str | None = None
+    dataset: str | None = None
     context: int = Field(512, ge=16)
     max_windows: int | None = Field(None, ge=1)
     prompt_tokens: int = Field(64, ge=1)
     gen_tokens: int = Field(32, ge=1)
-    #: How the float32 reference holds its weights (see hubquant.evaluate.reference_weights).
+    #: How the float32 reference holds its weights (see hubquant.torch_runner.reference_weights).
     reference_weights: Literal["auto", "fp32", "source"] = "auto"
     max_ppl_delta: float | None = None
     max_kl: float | None = None
+    #: Measure each runtime's own unquantized deviation from the reference (its fidelity floor).
+    fidelity: bool = True
+    #: Hold back the variants of a runtime whose unquantized KL exceeds this; default: publish with the finding.
+    max_runtime_kl: float | None = None
+
+    @model_validator(mode="after")
+    def _one_text(self) -> EvalSection:
+        if self.text and self.dataset:
+            raise ValueError("eval.text and eval.dataset cannot both be set")
+        return self
 
 
 class HubSection(BaseModel):
@@ -119,7 +131,7 @@ class Recipe(BaseModel):
             try:
                 spec = variant.resolved()
             except RecipeError as exc:
-                exc.key = f"variants[{index}]" + (f".{exc.key}" if exc.key else "")
+                exc.key = key_path(["variants", index, *(exc.key.split(".") if exc.key else [])])
                 exc.message = f"variants[{index}] ({variant.format} {variant.precision}): {exc.message}"
                 exc.args = (exc.message,)
                 raise
@@ -139,13 +151,15 @@ def _pydantic_to_recipe_error(exc: ValidationError, origin: str) -> RecipeError:
     """Turn pydantic's report into one message that names the key and what is allowed."""
     first = exc.errors()[0]
     loc = first["loc"]
-    key = ".".join(str(part) for part in loc) or "(top level)"
+    key = key_path(list(loc)) or "(top level)"
     if first["type"] == "extra_forbidden":
         model = VariantSpec if loc and loc[0] == "variants" and len(loc) > 2 else Recipe
         return RecipeError(f"{origin}: unknown key '{key}'", key=key, allowed=list(model.model_fields))
     if first["type"] == "missing":
         return RecipeError(f"{origin}: missing required key '{key}'", key=key, hint=f"add '{key}' to the recipe")
-    return RecipeError(f"{origin}: invalid value for '{key}': {first['msg']}", key=key, hint="fix the value in the recipe")
+    return RecipeError(
+        f"{origin}: invalid value for '{key}': {first['msg']}", key=key, hint="fix the value in the recipe"
+    )
 
 
 def build_recipe(data: dict[str, Any], *, origin: str = "recipe") -> Recipe:
@@ -208,8 +222,8 @@ def load_recipe(path: str | Path) -> Recipe:
 PROFILES = ("mobile", "ai-pc", "all")
 
 
-def profile_variants(name: str) -> list[dict[str, Any]]:
-    """The variants of a device profile shipped as data (``data/profiles/NAME.yaml``).
+def profile_data(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The variants and evaluation settings of a device profile shipped as data (``data/profiles/NAME.yaml``).
 
     Raises:
         RecipeError: no such profile.
@@ -218,12 +232,68 @@ def profile_variants(name: str) -> list[dict[str, Any]]:
 
     if name not in PROFILES:
         raise RecipeError(f"unknown profile '{name}'", key="profile", allowed=list(PROFILES))
-    data = yaml.safe_load(importlib.resources.files("hubquant").joinpath(f"data/profiles/{name}.yaml")
-                          .read_text(encoding="utf-8"))
+    data = yaml.safe_load(
+        importlib.resources.files("hubquant").joinpath(f"data/profiles/{name}.yaml").read_text(encoding="utf-8")
+    )
     variants: list[dict[str, Any]] = []
+    evaluation: dict[str, Any] = {}
     for included in data.get("include", []):
-        variants += [v for v in profile_variants(included) if v not in variants]
-    return variants + [v for v in data.get("variants", []) if v not in variants]
+        more, their_eval = profile_data(included)
+        variants += [v for v in more if v not in variants]
+        evaluation = {**their_eval, **evaluation}
+    return variants + [v for v in data.get("variants", []) if v not in variants], {**evaluation, **data.get("eval", {})}
+
+
+def profile_variants(name: str) -> list[dict[str, Any]]:
+    """The variants of a device profile (see :func:`profile_data`)."""
+    return profile_data(name)[0]
+
+
+def publish_recipe(
+    recipe_file: str | None,
+    *,
+    source: str | None = None,
+    profile: str | None = None,
+    formats: tuple[str, ...] = (),
+    variants: tuple[int, ...] = (),
+    revision: str | None = None,
+) -> Recipe:
+    """The recipe of ``publish``/``plan``: a file, or SOURCE + a profile; narrowed to formats or variant numbers.
+
+    A profile adds its variants and its evaluation settings (the recipe's own ``eval`` keys win).
+
+    Raises:
+        RecipeError: no source, a bad variant number, or anything invalid in the recipe.
+    """
+    data: Any = read_recipe_data(recipe_file) if recipe_file else {}
+    origin = recipe_file or "command line"
+    if not isinstance(data, dict):
+        build_recipe(data, origin=origin)  # raises the "not a mapping" error
+    if source:
+        data["source"] = source
+    if revision:
+        data["revision"] = revision
+    if profile:
+        extra, evaluation = profile_data(profile)
+        data["variants"] = list(data.get("variants") or []) + [
+            v for v in extra if v not in (data.get("variants") or [])
+        ]
+        if isinstance(data.get("eval") or {}, dict):
+            own = data.get("eval") or {}
+            data["eval"] = {**({} if own.get("text") else evaluation), **own}
+    if "source" not in data:
+        raise RecipeError("no source given", hint="pass RECIPE.yaml, or --source MODEL with --profile")
+    recipe = build_recipe(data, origin=origin)
+    if variants:
+        bad = [i for i in variants if not 0 <= i < len(recipe.variants)]
+        if bad:
+            raise RecipeError(
+                f"--variant {bad[0]} is out of range",
+                key="variant",
+                allowed=[str(i) for i in range(len(recipe.variants))],
+            )
+        recipe = recipe.model_copy(update={"variants": [recipe.variants[i] for i in variants]})
+    return only_formats(recipe, formats) if formats else recipe
 
 
 def only_formats(recipe: Recipe, formats: tuple[str, ...] | list[str]) -> Recipe:
@@ -231,6 +301,9 @@ def only_formats(recipe: Recipe, formats: tuple[str, ...] | list[str]) -> Recipe
     wanted = {f.lower() for f in formats}
     kept = [v for v in recipe.variants if v.format in wanted]
     if not kept:
-        raise RecipeError(f"the recipe has no variant of {', '.join(sorted(wanted))}", key="format",
-                          allowed=sorted({v.format for v in recipe.variants}))
+        raise RecipeError(
+            f"the recipe has no variant of {', '.join(sorted(wanted))}",
+            key="format",
+            allowed=sorted({v.format for v in recipe.variants}),
+        )
     return recipe.model_copy(update={"variants": kept})

@@ -19,9 +19,16 @@ import numpy as np
 
 #: safetensors dtype → numpy dtype of the stored bytes (bf16 is read as uint16 bit patterns).
 STORED: dict[str, np.dtype] = {
-    "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(np.uint16),
-    "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(np.uint16),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 
 
@@ -40,9 +47,16 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
     metadata = header.pop("__metadata__", None) or {}
-    entries = [TensorEntry(name, info["dtype"], tuple(info["shape"]), 8 + length + info["data_offsets"][0],
-                           info["data_offsets"][1] - info["data_offsets"][0])
-               for name, info in header.items()]
+    entries = [
+        TensorEntry(
+            name,
+            info["dtype"],
+            tuple(info["shape"]),
+            8 + length + info["data_offsets"][0],
+            info["data_offsets"][1] - info["data_offsets"][0],
+        )
+        for name, info in header.items()
+    ]
     return sorted(entries, key=lambda e: e.start), metadata
 
 
@@ -62,8 +76,9 @@ def read_float32(path: Path, entry: TensorEntry) -> np.ndarray:
 class StreamingWriter:
     """Writes a safetensors file whose tensors' dtypes and shapes are declared before any data."""
 
-    def __init__(self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+    ) -> None:
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
         offset = 0
         self.expected: list[tuple[str, int]] = []
@@ -93,8 +108,9 @@ class StreamingWriter:
             for part in parts:
                 written += self.handle.write(part)
         if name != expected_name or written != nbytes:
-            raise ValueError(f"safetensors writer: got {name} ({written} bytes), "
-                             f"expected {expected_name} ({nbytes} bytes)")
+            raise ValueError(
+                f"safetensors writer: got {name} ({written} bytes), expected {expected_name} ({nbytes} bytes)"
+            )
         self.position += 1
 
     def close(self) -> None:

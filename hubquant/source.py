@@ -22,16 +22,36 @@ from hubquant.errors import SourceError, UnsupportedModelError
 SUPPORTED_MODEL_TYPES: dict[str, tuple[str, ...]] = {
     "phi": ("PhiForCausalLM",),
     "phi3": ("Phi3ForCausalLM",),
-    "phimoe": ("PhiMoEForCausalLM",),
+    "phimoe": ("PhiMoEForCausalLM", "PhimoeForCausalLM"),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+#: Why llama.cpp and mlx-lm compute PhiMoE differently (measured on a tiny Phi-3.5-MoE-shaped checkpoint:
+#: swapping the reference's routing for theirs takes the unquantized KL from 4.5e-2 to 7.6e-5 for llama.cpp).
+PHIMOE_ROUTING_DIFFERS = (
+    "{runtime} routes each token to the top-2 experts weighted by a softmax over those two (weights "
+    "summing to 1), while PhiMoE's reference routing (sparsemixer) weights each chosen expert by a "
+    "softmax over only the experts within 2×router_jitter_noise of it, so a clear winner gets a weight "
+    "near 1 and the pair's weights need not sum to 1."
+)
+#: A Hub model id (``namespace/name``): the one pattern every module uses.
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Files at most this size are hashed whole for the fingerprint; larger ones by name, size, mtime
 # and (for safetensors) their header, so fingerprinting a 14B checkpoint takes milliseconds.
 _HASH_WHOLE_LIMIT = 16 << 20
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                       "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 @dataclass(frozen=True)
@@ -70,7 +90,7 @@ class SourceModel:
     @property
     def name(self) -> str:
         """The model's short name, used in file and repo names (``Phi-3.5-mini-instruct``)."""
-        if _HUB_ID.match(self.source_id) and not Path(self.source_id).exists():
+        if HUB_ID_PATTERN.match(self.source_id) and not Path(self.source_id).exists():
             return self.source_id.split("/")[-1]
         return self.path.name
 
@@ -95,10 +115,13 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{what} {path} is not valid JSON ({exc})", path=path,
-                          hint="re-download or re-save the checkpoint") from None
+        raise SourceError(
+            f"{what} {path} is not valid JSON ({exc})", path=path, hint="re-download or re-save the checkpoint"
+        ) from None
     if not isinstance(data, dict):
-        raise SourceError(f"{what} {path} is not a JSON object", path=path, hint="re-download or re-save the checkpoint")
+        raise SourceError(
+            f"{what} {path} is not a JSON object", path=path, hint="re-download or re-save the checkpoint"
+        )
     return data
 
 
@@ -109,14 +132,21 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
     try:
         folder = Path(snapshot_download(repo_id=repo_id, revision=revision))
     except RepositoryNotFoundError:
-        raise SourceError(f"Hub repository {repo_id} not found (or it is private/gated)", path=repo_id,
-                          hint="check the id, or log in with 'hf auth login' for gated models") from None
+        raise SourceError(
+            f"Hub repository {repo_id} not found (or it is private/gated)",
+            path=repo_id,
+            hint="check the id, or log in with 'hf auth login' for gated models",
+        ) from None
     except LocalEntryNotFoundError:
-        raise SourceError(f"cannot reach the Hugging Face Hub to download {repo_id} and it is not in the local cache",
-                          path=repo_id, hint="connect to the Hub once, or pass a local folder instead") from None
+        raise SourceError(
+            f"cannot reach the Hugging Face Hub to download {repo_id} and it is not in the local cache",
+            path=repo_id,
+            hint="connect to the Hub once, or pass a local folder instead",
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise SourceError(f"cannot download {repo_id}: {exc}", path=repo_id,
-                          hint="check the id and revision, or pass a local folder") from None
+        raise SourceError(
+            f"cannot download {repo_id}: {exc}", path=repo_id, hint="check the id and revision, or pass a local folder"
+        ) from None
     # Snapshots live in .../snapshots/<commit sha>/
     commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
     return folder, commit
@@ -154,7 +184,9 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     if 8 + length + end != size:
         raise SourceError(
             f"{path.name} is truncated or corrupt: its header describes {8 + length + end} bytes, the file has {size}",
-            path=path, hint=hint)
+            path=path,
+            hint=hint,
+        )
     return header
 
 
@@ -163,11 +195,20 @@ def _tokenizer_facts(folder: Path) -> tuple[str, str | None]:
     has_json = (folder / "tokenizer.json").is_file()
     has_model = (folder / "tokenizer.model").is_file()
     if not config_path.is_file() or not (has_json or has_model):
-        missing = [n for n, ok in (("tokenizer_config.json", config_path.is_file()),
-                                   ("tokenizer.json or tokenizer.model", has_json or has_model)) if not ok]
-        raise SourceError(f"{folder} has no tokenizer: missing {', '.join(missing)}", path=folder,
-                          hint="copy the tokenizer files of the original model into the folder "
-                               "(tokenizer_config.json with tokenizer.json and/or tokenizer.model)")
+        missing = [
+            n
+            for n, ok in (
+                ("tokenizer_config.json", config_path.is_file()),
+                ("tokenizer.json or tokenizer.model", has_json or has_model),
+            )
+            if not ok
+        ]
+        raise SourceError(
+            f"{folder} has no tokenizer: missing {', '.join(missing)}",
+            path=folder,
+            hint="copy the tokenizer files of the original model into the folder "
+            "(tokenizer_config.json with tokenizer.json and/or tokenizer.model)",
+        )
     tok_config = _read_json(config_path, "tokenizer config")
     template = tok_config.get("chat_template")
     jinja = folder / "chat_template.jinja"
@@ -214,6 +255,96 @@ def _fingerprint(folder: Path, headers: dict[str, dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
+def _local_folder(source_id: str, revision: str | None) -> tuple[Path, str | None]:
+    """The folder of a local path or a Hub id (downloaded), and the Hub commit when it is one."""
+    local = Path(source_id).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise SourceError(
+                f"source {local} is a file; expected a model folder",
+                path=local,
+                hint="pass the folder that holds config.json and the *.safetensors files",
+            )
+        return local.resolve(), None
+    if HUB_ID_PATTERN.match(source_id):
+        return _download(source_id, revision)
+    raise SourceError(
+        f"source {source_id} is neither an existing folder nor a Hub id (namespace/name)",
+        path=source_id,
+        hint="check the path, or use a Hub id like microsoft/Phi-3.5-mini-instruct",
+    )
+
+
+def _phi_config(folder: Path) -> tuple[dict[str, Any], str, str]:
+    """The config, model type and architecture of a supported Phi checkpoint."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SourceError(
+            f"{folder} has no config.json",
+            path=folder,
+            hint="pass the folder of a Hugging Face checkpoint (config.json, *.safetensors, tokenizer)",
+        )
+    config = _read_json(config_path, "config")
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    supported = ", ".join(f"{a} ({t})" for t, archs in SUPPORTED_MODEL_TYPES.items() for a in archs)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{folder.name} is a '{model_type}' model ({', '.join(architectures) or 'no architecture'}); "
+            "hubquant supports the Microsoft Phi family only",
+            path=folder,
+            hint=f"use a checkpoint of one of: {supported}",
+        )
+    architecture = architectures[0] if architectures else SUPPORTED_MODEL_TYPES[model_type][0]
+    if architecture not in SUPPORTED_MODEL_TYPES[model_type]:
+        raise UnsupportedModelError(
+            f"{folder.name} declares architecture {architecture}, which hubquant does not support",
+            path=folder,
+            hint=f"use a checkpoint of one of: {supported}",
+        )
+    return config, model_type, architecture
+
+
+def _weight_paths(folder: Path) -> list[Path]:
+    """The safetensors files of the checkpoint (every shard its index lists)."""
+    weight_paths = sorted(folder.glob("*.safetensors"))
+    if not weight_paths:
+        other = sorted(p.name for p in folder.glob("*.bin")) or sorted(p.name for p in folder.glob("*.pt"))
+        raise SourceError(
+            f"{folder} has no *.safetensors weights" + (f" (found {', '.join(other)})" if other else ""),
+            path=folder,
+            hint="save the model with save_pretrained(..., safe_serialization=True)",
+        )
+    index_path = folder / "model.safetensors.index.json"
+    if not index_path.is_file():
+        return weight_paths
+    wanted = sorted(set((_read_json(index_path, "weight index").get("weight_map") or {}).values()))
+    missing = [name for name in wanted if not (folder / name).is_file()]
+    if missing:
+        raise SourceError(
+            f"{folder} is missing weight shards: {', '.join(missing)}",
+            path=folder,
+            hint="download the checkpoint again; every shard listed in the index is needed",
+        )
+    return [folder / name for name in wanted]
+
+
+def _count(headers: dict[str, dict[str, Any]]) -> tuple[int, str | None]:
+    """Parameter count and the dtype most weights are stored in, from the safetensors headers."""
+    count = 0
+    dtypes: Counter[str] = Counter()
+    for header in headers.values():
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for dim in info.get("shape", []):
+                numel *= int(dim)
+            count += numel
+            dtypes[_SAFETENSORS_DTYPES.get(info.get("dtype", ""), str(info.get("dtype")).lower())] += numel
+    return count, dtypes.most_common(1)[0][0] if dtypes else None
+
+
 def resolve_source(source: str | Path, *, revision: str | None = None) -> SourceModel:
     """Resolve a local folder or a Hub id to a :class:`SourceModel`, checking it is usable.
 
@@ -226,68 +357,11 @@ def resolve_source(source: str | Path, *, revision: str | None = None) -> Source
         UnsupportedModelError: the checkpoint is not a supported Phi model.
     """
     source_id = str(source)
-    local = Path(source_id).expanduser()
-    commit: str | None = None
-    if local.exists():
-        if not local.is_dir():
-            raise SourceError(f"source {local} is a file; expected a model folder", path=local,
-                              hint="pass the folder that holds config.json and the *.safetensors files")
-        folder = local.resolve()
-    elif _HUB_ID.match(source_id):
-        folder, commit = _download(source_id, revision)
-    else:
-        raise SourceError(f"source {source_id} is neither an existing folder nor a Hub id (namespace/name)",
-                          path=source_id, hint="check the path, or use a Hub id like microsoft/Phi-3.5-mini-instruct")
-
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise SourceError(f"{folder} has no config.json", path=folder,
-                          hint="pass the folder of a Hugging Face checkpoint (config.json, *.safetensors, tokenizer)")
-    config = _read_json(config_path, "config")
-    model_type = config.get("model_type")
-    architectures = config.get("architectures") or []
-    supported = ", ".join(f"{a} ({t})" for t, archs in SUPPORTED_MODEL_TYPES.items() for a in archs)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"{folder.name} is a '{model_type}' model ({', '.join(architectures) or 'no architecture'}); "
-            "hubquant supports the Microsoft Phi family only",
-            path=folder, hint=f"use a checkpoint of one of: {supported}")
-    architecture = architectures[0] if architectures else SUPPORTED_MODEL_TYPES[model_type][0]
-    if architecture not in SUPPORTED_MODEL_TYPES[model_type]:
-        raise UnsupportedModelError(
-            f"{folder.name} declares architecture {architecture}, which hubquant does not support",
-            path=folder, hint=f"use a checkpoint of one of: {supported}")
-
-    weight_paths = sorted(folder.glob("*.safetensors"))
-    if not weight_paths:
-        other = sorted(p.name for p in folder.glob("*.bin")) or sorted(p.name for p in folder.glob("*.pt"))
-        raise SourceError(
-            f"{folder} has no *.safetensors weights" + (f" (found {', '.join(other)})" if other else ""),
-            path=folder, hint="save the model with save_pretrained(..., safe_serialization=True)")
-    index_path = folder / "model.safetensors.index.json"
-    if index_path.is_file():
-        index = _read_json(index_path, "weight index")
-        wanted = sorted(set((index.get("weight_map") or {}).values()))
-        missing = [name for name in wanted if not (folder / name).is_file()]
-        if missing:
-            raise SourceError(f"{folder} is missing weight shards: {', '.join(missing)}", path=folder,
-                              hint="download the checkpoint again; every shard listed in the index is needed")
-        weight_paths = [folder / name for name in wanted]
+    folder, commit = _local_folder(source_id, revision)
+    config, model_type, architecture = _phi_config(folder)
+    weight_paths = _weight_paths(folder)
     headers = {p.name: safetensors_header(p) for p in weight_paths}
-
-    count = 0
-    dtypes: Counter[str] = Counter()
-    for header in headers.values():
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            numel = 1
-            for dim in info.get("shape", []):
-                numel *= int(dim)
-            count += numel
-            dtypes[_SAFETENSORS_DTYPES.get(info.get("dtype", ""), str(info.get("dtype")).lower())] += numel
-    dtype = dtypes.most_common(1)[0][0] if dtypes else str(config.get("dtype") or config.get("torch_dtype"))
-
+    count, dtype = _count(headers)
     style, template = _tokenizer_facts(folder)
     return SourceModel(
         path=folder,
@@ -297,7 +371,7 @@ def resolve_source(source: str | Path, *, revision: str | None = None) -> Source
         architecture=architecture,
         model_type=model_type,
         parameter_count=count,
-        dtype=dtype,
+        dtype=dtype or str(config.get("dtype") or config.get("torch_dtype")),
         tokenizer_style=style,
         chat_template=template,
         license=_licence(folder),

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubquant import __version__
-from hubquant.errors import HubquantError, MissingDependencyError, redact
+from hubquant.errors import HubquantError, MissingDependencyError, TrackingError, redact
 
 if TYPE_CHECKING:
     from hubquant.artifact import Artifact
-    from hubquant.evaluate import EvalRow
     from hubquant.recipe import VariantSpec
+    from hubquant.records import Evaluation
     from hubquant.source import SourceModel
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,9 @@ ROLE, PARENT, VARIANT = "hubquant.role", "parent", "variant"
 KEY_TAG, SOURCE_TAG = "hubquant.variant_key", "hubquant.source_fingerprint"
 FORMAT_TAG, PRECISION_TAG, ERROR_TAG = "hubquant.format", "hubquant.precision", "hubquant.error"
 PARENT_TAG = "mlflow.parentRunId"
+#: MLflow 3 opens an experiment of this kind on its runs table, not on the GenAI traces overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _PARAM_LIMIT = 6000  # MLflow's param value limit
-
-
-class TrackingError(HubquantError, ConnectionError):
-    """The tracking server cannot be used."""
 
 
 def tracking_uri() -> str:
@@ -59,8 +57,11 @@ def _client(uri: str) -> Any:
     try:
         from mlflow import MlflowClient
     except ImportError:
-        raise MissingDependencyError("tracking needs mlflow", extra="tracking",
-                                     hint='install it with: pip install "hubquant[tracking]", or pass --no-track') from None
+        raise MissingDependencyError(
+            "tracking needs mlflow",
+            extra="tracking",
+            hint='install it with: pip install "hubquant[tracking]", or pass --no-track',
+        ) from None
     return MlflowClient(tracking_uri=uri)
 
 
@@ -95,7 +96,8 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a dead server
             raise TrackingError(
                 f"cannot reach the MLflow tracking server at {redact(self.uri)}: {type(exc).__name__}",
-                hint="start the server or fix MLFLOW_TRACKING_URI, or pass --no-track to run without tracking") from None
+                hint="start the server or fix MLFLOW_TRACKING_URI, or pass --no-track to run without tracking",
+            ) from None
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -108,14 +110,19 @@ class Tracker:
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
+            if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
-        return self.client.create_experiment(name, tags={"hubquant.source": _clean(self.source.source_id)})
+        return self.client.create_experiment(
+            name, tags={"hubquant.source": _clean(self.source.source_id), EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
 
     def _find(self, filter_string: str) -> str | None:
         if self.new_run:
             return None
-        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string,
-                                       order_by=["attributes.start_time DESC"], max_results=1)
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"], max_results=1
+        )
         return runs[0].info.run_id if runs else None
 
     def _start(self, run_id: str | None, *, name: str, tags: dict[str, str]) -> str:
@@ -143,9 +150,11 @@ class Tracker:
         """Open (or reopen) the parent run of this source and log its facts."""
         facts = self.source.facts()
         run_id = self._find(f"tags.`{ROLE}` = '{PARENT}' and tags.`{SOURCE_TAG}` = '{self.source.fingerprint}'")
-        self.parent_id = self._start(run_id, name=f"{self.source.name}", tags={
-            ROLE: PARENT, SOURCE_TAG: self.source.fingerprint, "hubquant.version": __version__,
-            **github_tags()})
+        self.parent_id = self._start(
+            run_id,
+            name=f"{self.source.name}",
+            tags={ROLE: PARENT, SOURCE_TAG: self.source.fingerprint, "hubquant.version": __version__, **github_tags()},
+        )
         self._log(self.parent_id, params={f"source.{k}": v for k, v in facts.items() if k != "path"})
         return self.parent_id
 
@@ -153,34 +162,60 @@ class Tracker:
         """Open (or reopen) the child run of one variant, identified by its cache key."""
         assert self.parent_id, "start_parent() first"
         run_id = self._find(f"tags.`{KEY_TAG}` = '{key}'")
-        run_id = self._start(run_id, name=name, tags={
-            ROLE: VARIANT, KEY_TAG: key, PARENT_TAG: self.parent_id, FORMAT_TAG: spec.format,
-            PRECISION_TAG: spec.precision, "hubquant.version": __version__, **github_tags()})
-        params = {"format": spec.format, "precision": spec.precision, "source.id": self.source.source_id,
-                  "source.revision": self.source.revision, "source.fingerprint": self.source.fingerprint,
-                  "hubquant_version": __version__}
+        run_id = self._start(
+            run_id,
+            name=name,
+            tags={
+                ROLE: VARIANT,
+                KEY_TAG: key,
+                PARENT_TAG: self.parent_id,
+                FORMAT_TAG: spec.format,
+                PRECISION_TAG: spec.precision,
+                "hubquant.version": __version__,
+                **github_tags(),
+            },
+        )
+        params = {
+            "format": spec.format,
+            "precision": spec.precision,
+            "source.id": self.source.source_id,
+            "source.revision": self.source.revision,
+            "source.fingerprint": self.source.fingerprint,
+            "hubquant_version": __version__,
+        }
         params.update({f"option.{k}": v for k, v in spec.options.items()})
         self._log(run_id, params=params)
         return run_id
 
-    def _log(self, run_id: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
-             tags: dict[str, Any] | None = None, model_id: str | None = None) -> None:
+    def _log(
+        self,
+        run_id: str,
+        *,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, Any] | None = None,
+        model_id: str | None = None,
+    ) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
         existing = self.client.get_run(run_id).data.params if params else {}
         param_list = [Param(k, _clean(v)) for k, v in (params or {}).items() if k not in existing]
-        metric_list = [Metric(k, float(v), now, 0, model_id=model_id) for k, v in (metrics or {}).items()
-                       if v is not None]
+        metric_list = [
+            Metric(k, float(v), now, 0, model_id=model_id) for k, v in (metrics or {}).items() if v is not None
+        ]
         tag_list = [RunTag(k, _clean(v)) for k, v in (tags or {}).items()]
         self.client.log_batch(run_id, metrics=metric_list, params=param_list, tags=tag_list)
 
     def log_artifact_files(self, run_id: str, artifact: "Artifact", *, log_text: str | None = None) -> None:
         """The variant's manifest (and eval.json when present), its tool versions and its log."""
         manifest = artifact.manifest
-        self._log(run_id, params={f"tool.{k}": v for k, v in manifest.get("tools", {}).items()},
-                  metrics={"size_bytes": artifact.size_bytes, "export_seconds": manifest.get("export_seconds")},
-                  tags={"hubquant.artifact_path": str(artifact.path), "hubquant.warnings": "; ".join(artifact.warnings)})
+        self._log(
+            run_id,
+            params={f"tool.{k}": v for k, v in manifest.tools.items()},
+            metrics={"size_bytes": artifact.size_bytes, "export_seconds": manifest.export_seconds},
+            tags={"hubquant.artifact_path": str(artifact.path), "hubquant.warnings": "; ".join(artifact.warnings)},
+        )
         self.client.log_artifact(run_id, str(artifact.path / "manifest.json"))
         if log_text:
             self.client.log_text(run_id, redact(log_text), "logs/quantize.log")
@@ -195,47 +230,70 @@ class Tracker:
         self._failed = True
         self._end(run_id, "FAILED")
 
-    def log_evaluation(self, run_id: str, row: "EvalRow", *, eval_json: Path | None, model_name: str) -> str:
-        """Metrics on the run and on the variant's LoggedModel; eval.json and the one-row table."""
+    def log_evaluation(self, run_id: str, row: Evaluation, *, eval_json: Path | None, model_name: str) -> str:
+        """Metrics (with ``*_stderr``) on the run and on the variant's LoggedModel; the runtime's fidelity
+        floor as ``runtime_*`` metrics and a ``hubquant.runtime_finding`` tag; eval.json and the one-row table."""
         import mlflow
 
-        metrics = {k: v for k, v in row.metrics.items() if v is not None}
+        metrics = {**row.metrics.numbers(), **fidelity_metrics(row)}
         model = self._logged_model(run_id, row, model_name)
-        self._log(run_id, metrics=metrics, tags={"hubquant.gate": "passed" if row.gate["passed"] else "failed",
-                                                  "hubquant.logged_model_id": model})
+        tags = {
+            "hubquant.gate": "passed" if row.gate.passed else "failed",
+            "hubquant.logged_model_id": model,
+            "hubquant.runtime_finding": row.fidelity.finding if row.fidelity and row.fidelity.finding else "",
+            "hubquant.eval_text": row.text.label or row.text.name,
+            "hubquant.eval_text_sha256": row.text.sha256,
+        }
+        self._log(run_id, metrics=metrics, tags=tags)
         self._log(run_id, metrics=metrics, model_id=model)
         if eval_json is not None and eval_json.is_file():
             self.client.log_artifact(run_id, str(eval_json))
         mlflow.set_tracking_uri(self.uri)
-        mlflow.log_table({"variant": [row.label], **{k: [v] for k, v in row.metrics.items()}},
-                         artifact_file="eval_table.json", run_id=run_id)
+        mlflow.log_table(
+            {"variant": [row.label], **{k: [v] for k, v in row.metrics.model_dump().items()}},
+            artifact_file="eval_table.json",
+            run_id=run_id,
+        )
         return model
 
-    def _logged_model(self, run_id: str, row: "EvalRow", name: str) -> str:
+    def _logged_model(self, run_id: str, row: Evaluation, name: str) -> str:
         found = self.client.search_logged_models(
-            experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=1)
+            experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=1
+        )
         if found:
             return found[0].model_id
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
         model = mlflow.create_external_model(
-            name=name, source_run_id=run_id, model_type="quantized-llm", experiment_id=self.experiment_id,
-            params={"format": row.format, "precision": row.precision,
-                    **{f"option.{k}": _clean(v) for k, v in row.options.items()}},
-            tags={FORMAT_TAG: row.format, PRECISION_TAG: row.precision, "hubquant.artifact_path": _clean(row.path)})
+            name=name,
+            source_run_id=run_id,
+            model_type="quantized-llm",
+            experiment_id=self.experiment_id,
+            params={
+                "format": row.variant.format,
+                "precision": row.variant.precision,
+                **{f"option.{k}": _clean(v) for k, v in row.variant.options.items()},
+            },
+            tags={
+                FORMAT_TAG: row.variant.format,
+                PRECISION_TAG: row.variant.precision,
+                "hubquant.artifact_path": _clean(row.path),
+            },
+        )
         return model.model_id
 
-    def log_comparison(self, rows: list["EvalRow"], *, plot: Path | None = None) -> None:
+    def log_comparison(self, rows: list[Evaluation], *, plot: Path | None = None) -> None:
         """The whole comparison table (and the chart) on the parent run."""
         import mlflow
 
         assert self.parent_id
         mlflow.set_tracking_uri(self.uri)
         table: dict[str, list[Any]] = {"variant": [r.label for r in rows]}
-        for key in rows[0].metrics:
-            table[key] = [r.metrics.get(key) for r in rows]
-        table["gate"] = ["passed" if r.gate["passed"] else "failed" for r in rows]
+        for key in rows[0].metrics.model_dump():
+            table[key] = [getattr(r.metrics, key) for r in rows]
+        table["gate"] = ["passed" if r.gate.passed else "failed" for r in rows]
+        table["error"] = [r.error or "" for r in rows]
         mlflow.log_table(table, artifact_file="comparison.json", run_id=self.parent_id)
         if plot is not None and plot.is_file():
             self.client.log_artifact(self.parent_id, str(plot))
@@ -272,15 +330,36 @@ class Tracker:
         return f"run {self.parent_id} in experiment '{self.experiment_name}' ({ui_hint(self.uri)})"
 
 
+def fidelity_metrics(row: Evaluation) -> dict[str, float]:
+    """The runtime's floor as metrics: ``runtime_kl_mean`` (+ ``_stderr``), ``runtime_top1_agreement``…"""
+    floor = row.fidelity
+    if floor is None:
+        return {}
+    return {
+        "runtime_kl_mean": floor.kl_mean,
+        "runtime_kl_mean_stderr": floor.kl_mean_stderr,
+        "runtime_top1_agreement": floor.top1_agreement,
+        "runtime_top1_agreement_stderr": floor.top1_agreement_stderr,
+        "runtime_ppl_delta_pct": floor.ppl_delta_pct,
+        "runtime_ppl_delta_pct_stderr": floor.ppl_delta_pct_stderr,
+        "runtime_deviates": float(floor.deviates),
+    }
+
+
 def github_tags() -> dict[str, str]:
     """Run context when inside GitHub Actions (documented GITHUB_* variables only, never a token)."""
     if os.environ.get("GITHUB_ACTIONS") != "true":
         return {}
     env = os.environ
-    tags = {f"github.{key.lower()}": env[f"GITHUB_{key}"] for key in
-            ("REPOSITORY", "WORKFLOW", "JOB", "RUN_ID", "RUN_ATTEMPT", "SHA", "REF", "ACTOR") if env.get(f"GITHUB_{key}")}
+    tags = {
+        f"github.{key.lower()}": env[f"GITHUB_{key}"]
+        for key in ("REPOSITORY", "WORKFLOW", "JOB", "RUN_ID", "RUN_ATTEMPT", "SHA", "REF", "ACTOR")
+        if env.get(f"GITHUB_{key}")
+    }
     if env.get("GITHUB_SERVER_URL") and env.get("GITHUB_REPOSITORY") and env.get("GITHUB_RUN_ID"):
-        tags["github.run_url"] = f"{env['GITHUB_SERVER_URL']}/{env['GITHUB_REPOSITORY']}/actions/runs/{env['GITHUB_RUN_ID']}"
+        tags["github.run_url"] = (
+            f"{env['GITHUB_SERVER_URL']}/{env['GITHUB_REPOSITORY']}/actions/runs/{env['GITHUB_RUN_ID']}"
+        )
     return tags
 
 
@@ -295,8 +374,7 @@ def open_tracker(source: "SourceModel", *, experiment: str | None = None, new_ru
         MissingDependencyError: mlflow is not installed.
         TrackingError: the server cannot be reached.
     """
-    return Tracker(tracking_uri(), experiment=experiment or default_experiment(source), source=source,
-                   new_run=new_run)
+    return Tracker(tracking_uri(), experiment=experiment or default_experiment(source), source=source, new_run=new_run)
 
 
 class LogCapture(logging.Handler):
@@ -324,8 +402,6 @@ class LogCapture(logging.Handler):
         logging.getLogger("hubquant").removeHandler(self)
 
 
-
-
 # -- publishing ------------------------------------------------------------------------------------
 
 HUB_TAGS = ("hf.repo_id", "hf.commit", "hf.url")
@@ -344,8 +420,12 @@ def variant_runs(uri: str, keys: list[str]) -> dict[str, str]:
     experiments = [e.experiment_id for e in client.search_experiments()]
     found: dict[str, str] = {}
     for key in keys:
-        runs = client.search_runs(experiments, filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1,
-                                  order_by=["attributes.start_time DESC"])
+        runs = client.search_runs(
+            experiments,
+            filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
         if runs:
             found[key] = runs[0].info.run_id
     return found
@@ -366,10 +446,14 @@ def artifact_path_of_run(uri: str, run_id: str) -> Path:
     try:
         run = client.get_run(run_id)
     except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
-        raise TrackingError(f"no MLflow run {run_id} in {uri} ({type(exc).__name__})",
-                            hint="copy the run id from the MLflow UI; set MLFLOW_TRACKING_URI for a server") from None
+        raise TrackingError(
+            f"no MLflow run {run_id} in {uri} ({type(exc).__name__})",
+            hint="copy the run id from the MLflow UI; set MLFLOW_TRACKING_URI for a server",
+        ) from None
     path = run.data.tags.get("hubquant.artifact_path")
     if not path:
-        raise TrackingError(f"run {run_id} is not a hubquant variant run (no hubquant.artifact_path tag)",
-                            hint="pick a variant run (a child run) in the MLflow UI")
+        raise TrackingError(
+            f"run {run_id} is not a hubquant variant run (no hubquant.artifact_path tag)",
+            hint="pick a variant run (a child run) in the MLflow UI",
+        )
     return Path(path)

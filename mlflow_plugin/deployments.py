@@ -2,7 +2,7 @@
 
 A "deployment" is a Hub model repo (its name is ``NAMESPACE/REPO``); the model URI names the
 MLflow run hubquant logged for the variant (``runs:/RUN_ID/…``, or ``models:/MODEL_ID`` for its
-LoggedModel). Publishing goes through :func:`hubquant.pipeline.push_artifacts` — the same code as
+LoggedModel). Publishing goes through :func:`hubquant.publishing.push_artifacts` — the same code as
 ``hubquant push`` — so the repo gets its model card and the run its ``hf.*`` tags.
 """
 
@@ -21,7 +21,8 @@ CONFIG_KEYS = {
     "confirm": "delete only: must equal the repo name, so a repo is never deleted by accident",
 }
 
-TARGET_HELP = """Target: huggingface (alias: hf) — publishes variants built by hubquant to the Hugging Face Hub.
+TARGET_HELP = (
+    """Target: huggingface (alias: hf) — publishes variants built by hubquant to the Hugging Face Hub.
 
 Target URI: 'huggingface' or 'huggingface:/NAMESPACE' (the namespace 'list' looks in; default: the
 token's user). Token: HF_TOKEN or 'hf auth login'; endpoint: HF_ENDPOINT. Runs are read from
@@ -31,14 +32,18 @@ MLFLOW_TRACKING_URI.
   mlflow deployments update -t huggingface --name my-org/Phi-3.5-mini-instruct-GGUF -m runs:/RUN_ID/manifest.json
   mlflow deployments get    -t huggingface --name my-org/Phi-3.5-mini-instruct-GGUF
   mlflow deployments list   -t huggingface:/my-org
-  mlflow deployments delete -t huggingface --name my-org/Phi-3.5-mini-instruct-GGUF -C confirm=my-org/Phi-3.5-mini-instruct-GGUF
+  mlflow deployments delete -t huggingface --name my-org/Phi-3.5-mini-instruct-GGUF \\
+      -C confirm=my-org/Phi-3.5-mini-instruct-GGUF
 
 Config keys (-C key=value):
-""" + "\n".join(f"  {key}: {text}" for key, text in CONFIG_KEYS.items()) + """
+"""
+    + "\n".join(f"  {key}: {text}" for key, text in CONFIG_KEYS.items())
+    + """
 
 predict, explain and run_local are not supported: the models run in their own runtimes
 (llama.cpp, onnxruntime-genai, OpenVINO, MLX) — see each repo's model card.
 """
+)
 
 
 def _flag(value: Any) -> bool:
@@ -71,7 +76,7 @@ class HuggingFaceDeploymentClient(BaseDeploymentClient):
     def _api(token: str | None = None) -> Any:
         from huggingface_hub import HfApi
 
-        from hubquant.hub import hub_endpoint
+        from hubquant.repos import hub_endpoint
 
         return HfApi(endpoint=hub_endpoint(), token=token)
 
@@ -80,11 +85,11 @@ class HuggingFaceDeploymentClient(BaseDeploymentClient):
         import mlflow
 
         if model_uri.startswith("runs:/"):
-            run_id = model_uri[len("runs:/"):].split("/")[0]
+            run_id = model_uri[len("runs:/") :].split("/")[0]
             if run_id:
                 return run_id
         if model_uri.startswith("models:/"):
-            model = mlflow.MlflowClient().get_logged_model(model_uri[len("models:/"):].split("/")[0])
+            model = mlflow.MlflowClient().get_logged_model(model_uri[len("models:/") :].split("/")[0])
             if model.source_run_id:
                 return model.source_run_id
         raise _fail(f"model URI '{model_uri}' does not name a hubquant run: use runs:/RUN_ID/… or models:/MODEL_ID")
@@ -94,7 +99,7 @@ class HuggingFaceDeploymentClient(BaseDeploymentClient):
 
         from hubquant.artifact import load_artifact
         from hubquant.errors import HubquantError
-        from hubquant.pipeline import PushSettings, push_artifacts
+        from hubquant.publishing import PushSettings, push_artifacts
         from hubquant.tracking import artifact_path_of_run
 
         config = dict(config or {})
@@ -106,16 +111,29 @@ class HuggingFaceDeploymentClient(BaseDeploymentClient):
         token = self._token()
         try:
             artifact = load_artifact(artifact_path_of_run(mlflow.get_tracking_uri(), self._run_id(model_uri)))
-            settings = PushSettings(repo_id=name, private=_flag(config.get("private", False)),
-                                    create_pr=_flag(config.get("create_pr", False)), revision=config.get("revision"),
-                                    base_model=config.get("base_model"), collection=False)
+            settings = PushSettings(
+                repo_id=name,
+                private=_flag(config.get("private", False)),
+                create_pr=_flag(config.get("create_pr", False)),
+                revision=config.get("revision"),
+                base_model=config.get("base_model"),
+                collection=False,
+            )
             outcome = push_artifacts([artifact], settings, token=token)
         except HubquantError as exc:
             raise _fail(f"{exc.message}{' — ' + exc.hint if exc.hint else ''}") from None
         result = outcome.results[0]
-        return {"name": name, "url": result.url, "commit": result.commit, "commit_url": result.commit_url,
-                "pr_url": result.pr_url, "uploaded_files": len(result.uploaded), "unchanged_files": len(result.unchanged),
-                "flavor": artifact.format, "variant": artifact.path.name}
+        return {
+            "name": name,
+            "url": result.url,
+            "commit": result.commit,
+            "commit_url": result.commit_url,
+            "pr_url": result.pr_url,
+            "uploaded_files": len(result.uploaded),
+            "unchanged_files": len(result.unchanged),
+            "flavor": artifact.format,
+            "variant": artifact.path.name,
+        }
 
     # -- the deployments API -------------------------------------------------------------------
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):  # noqa: ANN001, ANN201
@@ -132,9 +150,12 @@ class HuggingFaceDeploymentClient(BaseDeploymentClient):
         try:
             self._api(self._token()).delete_repo(name)
         except Exception as exc:  # noqa: BLE001
-            from hubquant.hub import _translate, hub_endpoint
+            from hubquant.hub import translate_error
+            from hubquant.repos import hub_endpoint
 
-            raise _fail(_translate(exc, repo_id=name, endpoint=hub_endpoint(), stage_name="deleting").message) from None
+            raise _fail(
+                translate_error(exc, repo_id=name, endpoint=hub_endpoint(), stage_name="deleting").message
+            ) from None
         return None
 
     def list_deployments(self, endpoint=None):  # noqa: ANN001, ANN201
@@ -142,20 +163,31 @@ class HuggingFaceDeploymentClient(BaseDeploymentClient):
         namespace = self.namespace or (api.whoami()["name"] if api.token else None)
         if not namespace:
             raise _fail("list needs a namespace: -t huggingface:/NAMESPACE, or a token")
-        return [{"name": model.id, "private": model.private, "tags": list(model.tags or [])}
-                for model in api.list_models(author=namespace, filter="hubquant")]
+        return [
+            {"name": model.id, "private": model.private, "tags": list(model.tags or [])}
+            for model in api.list_models(author=namespace, filter="hubquant")
+        ]
 
     def get_deployment(self, name, endpoint=None):  # noqa: ANN001, ANN201
         try:
             info = self._api(self._token_or_none()).model_info(name)
         except Exception as exc:  # noqa: BLE001
-            from hubquant.hub import _translate, hub_endpoint
+            from hubquant.hub import translate_error
+            from hubquant.repos import hub_endpoint
 
-            raise _fail(_translate(exc, repo_id=name, endpoint=hub_endpoint(), stage_name="reading").message) from None
+            raise _fail(
+                translate_error(exc, repo_id=name, endpoint=hub_endpoint(), stage_name="reading").message
+            ) from None
         card = info.card_data.to_dict() if info.card_data else {}
-        return {"name": info.id, "sha": info.sha, "private": info.private, "library_name": card.get("library_name"),
-                "base_model": card.get("base_model"), "tags": list(info.tags or []),
-                "files": sorted(s.rfilename for s in info.siblings or [])}
+        return {
+            "name": info.id,
+            "sha": info.sha,
+            "private": info.private,
+            "library_name": card.get("library_name"),
+            "base_model": card.get("base_model"),
+            "tags": list(info.tags or []),
+            "files": sorted(s.rfilename for s in info.siblings or []),
+        }
 
     @staticmethod
     def _token_or_none() -> str | None:
@@ -164,16 +196,20 @@ class HuggingFaceDeploymentClient(BaseDeploymentClient):
         return get_token()
 
     def predict(self, deployment_name=None, inputs=None, endpoint=None):  # noqa: ANN001, ANN201
-        raise _fail("predict is not supported by the huggingface target: run the model with its runtime "
-                    "(see the repo's model card)")
+        raise _fail(
+            "predict is not supported by the huggingface target: run the model with its runtime "
+            "(see the repo's model card)"
+        )
 
     def explain(self, deployment_name=None, df=None, endpoint=None):  # noqa: ANN001, ANN201
         raise _fail("explain is not supported by the huggingface target")
 
 
 def run_local(target, name, model_uri, flavor=None, config=None):  # noqa: ANN001, ANN201
-    raise _fail("run_local is not supported by the huggingface target: download the repo and run it with "
-                "llama.cpp, onnxruntime-genai, OpenVINO or mlx-lm (see its model card)")
+    raise _fail(
+        "run_local is not supported by the huggingface target: download the repo and run it with "
+        "llama.cpp, onnxruntime-genai, OpenVINO or mlx-lm (see its model card)"
+    )
 
 
 def target_help() -> str:

@@ -66,8 +66,15 @@ def tiny_phi4(model_store: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_phi4mini(model_store: Path) -> Path:
     """Trained tiny Phi-4-mini-style model: BPE, tied embeddings, partial rotary 0.75, long-rope 128k."""
-    return _cached_model(model_store, "tiny-phi4mini", style="phi4", steps=300, tie_embeddings=True,
-                         partial_rotary_factor=0.75, long_rope=True)
+    return _cached_model(
+        model_store,
+        "tiny-phi4mini",
+        style="phi4",
+        steps=300,
+        tie_embeddings=True,
+        partial_rotary_factor=0.75,
+        long_rope=True,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +127,8 @@ def quantize_json(model: Path, out: Path, fmt: str, *precisions: str, options: t
     import json
 
     flags = [f for p in precisions for f in ("--precision", p)]
-    code, stdout, err = run_cli("quantize", str(model), "--format", fmt, *flags, *options, "--output", str(out),
-                                "--json", "--no-track")
+    code, stdout, err = run_cli(
+        "quantize", str(model), "--format", fmt, *flags, *options, "--output", str(out), "--json", "--no-track"
+    )
     assert code == 0, err
     return json.loads(stdout)

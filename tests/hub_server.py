@@ -33,8 +33,19 @@ import yaml
 #: Files whose content goes to LFS (the Hub's .gitattributes does the same by extension).
 LFS_SUFFIXES = (".gguf", ".bin", ".onnx", ".data", ".safetensors", ".png", ".npz", ".model", ".msgpack")
 LFS_SIZE = 10 * 1024 * 1024
-KNOWN_LICENSES = {"mit", "apache-2.0", "bsd-3-clause", "cc-by-4.0", "cc-by-nc-4.0", "llama3", "gemma", "other",
-                  "openrail", "gpl-3.0", "unknown"}
+KNOWN_LICENSES = {
+    "mit",
+    "apache-2.0",
+    "bsd-3-clause",
+    "cc-by-4.0",
+    "cc-by-nc-4.0",
+    "llama3",
+    "gemma",
+    "other",
+    "openrail",
+    "gpl-3.0",
+    "unknown",
+}
 RELATIONS = {"adapter", "merge", "quantized", "finetune"}
 
 
@@ -116,11 +127,19 @@ class HubServer:
         self.state.orgs.setdefault(name, set()).update(orgs)
         return token
 
-    def fail(self, method: str, path_pattern: str, *, status: int = 500, times: int = 1,
-             message: str = "injected failure") -> None:
+    def fail(
+        self, method: str, path_pattern: str, *, status: int = 500, times: int = 1, message: str = "injected failure"
+    ) -> None:
         """Answer the next ``times`` matching calls with ``status`` (599 = drop the connection)."""
-        self.state.failures.append({"method": method, "pattern": re.compile(path_pattern), "status": status,
-                                    "times": times, "message": message})
+        self.state.failures.append(
+            {
+                "method": method,
+                "pattern": re.compile(path_pattern),
+                "status": status,
+                "times": times,
+                "message": message,
+            }
+        )
 
     @property
     def calls(self) -> list[tuple[str, str, int]]:
@@ -128,8 +147,11 @@ class HubServer:
 
     def uploaded_bytes(self) -> int:
         """Bytes of file content received (LFS PUTs and regular files inside commits)."""
-        return sum(size for method, path, size in self.state.calls
-                   if (method == "PUT" and path.startswith("/lfs-upload/")) or "/commit/" in path)
+        return sum(
+            size
+            for method, path, size in self.state.calls
+            if (method == "PUT" and path.startswith("/lfs-upload/")) or "/commit/" in path
+        )
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         repo = self.state.repos[repo_id]
@@ -166,8 +188,15 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return b""
 
-    def _send(self, status: int, payload: Any = None, *, headers: dict[str, str] | None = None,
-              raw: bytes | None = None, head: bool = False) -> None:
+    def _send(
+        self,
+        status: int,
+        payload: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        head: bool = False,
+    ) -> None:
         body = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
@@ -259,9 +288,16 @@ class _Handler(BaseHTTPRequestHandler):
         user = self._user()
         if user is None:
             return self._error(401, "Invalid credentials in Authorization header")
-        self._send(200, {"type": "user", "name": user[0], "fullname": user[0],
-                         "orgs": [{"name": org, "type": "org"} for org in sorted(self.state.orgs[user[0]])],
-                         "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user[1]}}})
+        self._send(
+            200,
+            {
+                "type": "user",
+                "name": user[0],
+                "fullname": user[0],
+                "orgs": [{"name": org, "type": "org"} for org in sorted(self.state.orgs[user[0]])],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user[1]}},
+            },
+        )
 
     def create_repo(self, *, query: dict, body: bytes) -> None:
         payload = json.loads(body)
@@ -271,9 +307,11 @@ class _Handler(BaseHTTPRequestHandler):
         namespace = payload.get("organization") or user[0]
         repo_id = f"{namespace}/{payload['name']}"
         if not self._can_write(namespace):
-            return self._error(403, f"You don't have the rights to create a model under the namespace \"{namespace}\"")
+            return self._error(403, f'You don\'t have the rights to create a model under the namespace "{namespace}"')
         if repo_id in self.state.repos:
-            return self._send(409, {"error": "You already created this model repo", "url": f"{self.base_url}/{repo_id}"})
+            return self._send(
+                409, {"error": "You already created this model repo", "url": f"{self.base_url}/{repo_id}"}
+            )
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         repo = Repo(repo_id=repo_id, private=private)
         initial = {".gitattributes": _regular(b"*.gguf filter=lfs diff=lfs merge=lfs -text\n")}
@@ -341,8 +379,9 @@ class _Handler(BaseHTTPRequestHandler):
             oid = None
             if existing is not None:
                 oid = existing.sha256 if existing.lfs else existing.blob_id
-            files.append({"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                          "oid": oid})
+            files.append(
+                {"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         self._send(200, {"files": files, "commitOid": head[0] if head else None})
 
     def lfs_batch(self, repo_id: str, *, query: dict, body: bytes) -> None:
@@ -356,8 +395,10 @@ class _Handler(BaseHTTPRequestHandler):
         for obj in payload["objects"]:
             entry: dict[str, Any] = {"oid": obj["oid"], "size": obj["size"]}
             if obj["oid"] not in self.state.lfs:
-                entry["actions"] = {"upload": {"href": f"{self.base_url}/lfs-upload/{obj['oid']}"},
-                                    "verify": {"href": f"{self.base_url}/lfs-verify/{obj['oid']}"}}
+                entry["actions"] = {
+                    "upload": {"href": f"{self.base_url}/lfs-upload/{obj['oid']}"},
+                    "verify": {"href": f"{self.base_url}/lfs-verify/{obj['oid']}"},
+                }
             objects.append(entry)
         self._send(200, {"transfer": "basic", "objects": objects})
 
@@ -426,14 +467,28 @@ class _Handler(BaseHTTPRequestHandler):
             match = re.match(r"^---\n(.*?)\n---\n", card.data.decode(), re.S)
             card_data = yaml.safe_load(match.group(1)) if match else None
         created = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(repo.created))
-        self._send(200, {"_id": uuid.uuid5(uuid.NAMESPACE_URL, repo_id).hex, "id": repo_id, "modelId": repo_id,
-                         "author": repo_id.split("/")[0], "sha": head[0], "private": repo.private,
-                         "disabled": False, "gated": False, "downloads": 0, "likes": 0,
-                         "tags": (card_data or {}).get("tags", []), "cardData": card_data,
-                         "library_name": (card_data or {}).get("library_name"),
-                         "pipeline_tag": (card_data or {}).get("pipeline_tag"),
-                         "createdAt": created, "lastModified": created,
-                         "siblings": [{"rfilename": path} for path in sorted(head[2])]})
+        self._send(
+            200,
+            {
+                "_id": uuid.uuid5(uuid.NAMESPACE_URL, repo_id).hex,
+                "id": repo_id,
+                "modelId": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": head[0],
+                "private": repo.private,
+                "disabled": False,
+                "gated": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": (card_data or {}).get("tags", []),
+                "cardData": card_data,
+                "library_name": (card_data or {}).get("library_name"),
+                "pipeline_tag": (card_data or {}).get("pipeline_tag"),
+                "createdAt": created,
+                "lastModified": created,
+                "siblings": [{"rfilename": path} for path in sorted(head[2])],
+            },
+        )
 
     def list_models(self, *, query: dict, body: bytes) -> None:
         author = (query.get("author") or [None])[0]
@@ -453,9 +508,18 @@ class _Handler(BaseHTTPRequestHandler):
             tags = set(meta.get("tags", []))
             if wanted - tags:
                 continue
-            found.append({"_id": uuid.uuid5(uuid.NAMESPACE_URL, repo_id).hex, "id": repo_id, "modelId": repo_id,
-                          "private": repo.private, "tags": sorted(tags), "library_name": meta.get("library_name"),
-                          "downloads": 0, "likes": 0})
+            found.append(
+                {
+                    "_id": uuid.uuid5(uuid.NAMESPACE_URL, repo_id).hex,
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "private": repo.private,
+                    "tags": sorted(tags),
+                    "library_name": meta.get("library_name"),
+                    "downloads": 0,
+                    "likes": 0,
+                }
+            )
         self._send(200, found)
 
     def _entries(self, tree: dict[str, StoredFile], paths: list[str]) -> list[dict[str, Any]]:
@@ -479,7 +543,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, f"{sub} does not exist", "EntryNotFound")
         entries, folders = [], set()
         for path in files:
-            rest = path[len(prefix):]
+            rest = path[len(prefix) :]
             if "/" in rest and not recursive:
                 folders.add(prefix + rest.split("/")[0])
                 continue
@@ -487,7 +551,9 @@ class _Handler(BaseHTTPRequestHandler):
                 parts = rest.split("/")[:-1]
                 folders.update(prefix + "/".join(parts[: i + 1]) for i in range(len(parts)))
             entries += self._entries(head[2], [path])
-        entries += [{"type": "directory", "oid": git_blob_sha1(f.encode()), "size": 0, "path": f} for f in sorted(folders)]
+        entries += [
+            {"type": "directory", "oid": git_blob_sha1(f.encode()), "size": 0, "path": f} for f in sorted(folders)
+        ]
         self._send(200, entries)
 
     def paths_info(self, repo_id: str, revision: str, *, query: dict, body: bytes) -> None:
@@ -516,8 +582,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- collections ---------------------------------------------------------------------------
     def _collection_json(self, collection: dict[str, Any]) -> dict[str, Any]:
-        return {**{k: v for k, v in collection.items() if k != "namespace"},
-                "lastUpdated": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+        return {
+            **{k: v for k, v in collection.items() if k != "namespace"},
+            "lastUpdated": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        }
 
     def create_collection(self, *, query: dict, body: bytes) -> None:
         payload = json.loads(body)
@@ -528,10 +596,18 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(409, {"error": "A collection with this title already exists", "slug": slug})
         title_slug = re.sub(r"[^a-z0-9]+", "-", payload["title"].lower()).strip("-")
         slug = f"{payload['namespace']}/{title_slug}-{uuid.uuid4().hex[:24]}"
-        self.state.collections[slug] = {"slug": slug, "title": payload["title"], "namespace": payload["namespace"],
-                                        "owner": {"name": payload["namespace"]}, "items": [], "position": 0,
-                                        "private": bool(payload.get("private")), "theme": "blue", "upvotes": 0,
-                                        "description": payload.get("description")}
+        self.state.collections[slug] = {
+            "slug": slug,
+            "title": payload["title"],
+            "namespace": payload["namespace"],
+            "owner": {"name": payload["namespace"]},
+            "items": [],
+            "position": 0,
+            "private": bool(payload.get("private")),
+            "theme": "blue",
+            "upvotes": 0,
+            "description": payload.get("description"),
+        }
         self._send(200, self._collection_json(self.state.collections[slug]))
 
     def get_collection(self, slug: str, *, query: dict, body: bytes) -> None:
@@ -550,9 +626,15 @@ class _Handler(BaseHTTPRequestHandler):
         item = payload["item"]
         if any(i["id"] == item["id"] and i["type"] == item["type"] for i in collection["items"]):
             return self._send(409, {"error": "Item already in the collection"})
-        collection["items"].append({"_id": uuid.uuid4().hex[:24], "id": item["id"], "type": item["type"],
-                                    "position": len(collection["items"]),
-                                    "note": {"text": payload["note"]} if payload.get("note") else None})
+        collection["items"].append(
+            {
+                "_id": uuid.uuid4().hex[:24],
+                "id": item["id"],
+                "type": item["type"],
+                "position": len(collection["items"]),
+                "note": {"text": payload["note"]} if payload.get("note") else None,
+            }
+        )
         self._send(200, self._collection_json(collection))
 
 

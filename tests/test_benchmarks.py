@@ -28,8 +28,11 @@ def test_generator_writes_the_real_layout(shape: str, tmp_path: Path) -> None:
     with safe_open(folder / "model.safetensors", "pt") as handle:
         written = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     model = AutoModelForCausalLM.from_config(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()
-                if not (config.tie_word_embeddings and name == "lm_head.weight")}
+    expected = {
+        name: tuple(t.shape)
+        for name, t in model.state_dict().items()
+        if not (config.tie_word_embeddings and name == "lm_head.weight")
+    }
     assert written == expected
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     assert str(loaded.dtype) == "torch.bfloat16"
@@ -39,8 +42,21 @@ def test_generator_writes_the_real_layout(shape: str, tmp_path: Path) -> None:
 def test_scale_runner_reports_ratios(tmp_path: Path) -> None:
     model = phi_shapes.generate("phi-3.5-mini", tmp_path / "model", layers=1, scale=8)
     report = tmp_path / "report"
-    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), str(model), "--format", "gguf",
-                                "--report", str(report)], capture_output=True, text=True, timeout=600, check=False)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "scale.py"),
+            str(model),
+            "--format",
+            "gguf",
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     data = json.loads(report.with_suffix(".json").read_text())
     gguf = data["formats"]["gguf"]
@@ -55,9 +71,23 @@ def test_scale_runner_reports_ratios(tmp_path: Path) -> None:
 def test_scale_runner_times_the_four_format_publish(tmp_path: Path) -> None:
     model = phi_shapes.generate("phi-3.5-mini", tmp_path / "model", layers=1, scale=8)
     report = tmp_path / "report"
-    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), str(model), "--format",
-                                "--publish", "--unmeasured", "mlx", "--report", str(report)], capture_output=True,
-                               text=True, timeout=1200, check=False)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "scale.py"),
+            str(model),
+            "--format",
+            "--publish",
+            "--unmeasured",
+            "mlx",
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     publish = json.loads(report.with_suffix(".json").read_text())["publish"]
     assert publish["wall_s"] > 0 and publish["peak_extra_disk_gb"] > 0 and publish["peak_anon_gib"] > 0
@@ -73,8 +103,18 @@ def test_bf16_source_quantizes_from_an_f16_intermediate(tmp_path: Path) -> None:
     from conftest import run_cli
 
     model = phi_shapes.generate("phi-3.5-mini", tmp_path / "model", layers=1, scale=8)
-    code, out, err = run_cli("quantize", str(model), "--precision", "Q4_K_M", "--precision", "Q8_0",
-                             "--output", str(tmp_path / "out"), "--json", "--no-track")
+    code, out, err = run_cli(
+        "quantize",
+        str(model),
+        "--precision",
+        "Q4_K_M",
+        "--precision",
+        "Q8_0",
+        "--output",
+        str(tmp_path / "out"),
+        "--json",
+        "--no-track",
+    )
     assert code == 0, err
     assert "converting the F16 intermediate" in err
     built = {a["precision"]: a for a in json.loads(out)}
@@ -86,13 +126,14 @@ def test_bf16_source_quantizes_from_an_f16_intermediate(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob(".hubquant-tmp-*")), "the intermediate is gone"
 
 
-def test_reference_can_keep_bf16_weights_and_gives_the_same_logits(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reference_can_keep_bf16_weights_and_gives_the_same_logits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A reference too large for float32 keeps its linear weights in bf16 and widens each as it runs:
     half the weight memory, same logits (bf16 → float32 is exact and the arithmetic is float32)."""
     import numpy as np
 
-    from hubquant import evaluate
+    from hubquant import torch_runner as evaluate
     from hubquant.source import resolve_source
 
     model = phi_shapes.generate("phi-4-mini", tmp_path / "model", layers=1, scale=8)  # tied, bf16, 200k vocab

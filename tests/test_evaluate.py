@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
-from hubquant.evaluate import METRICS
 from hubquant.pipeline import quantize
 from hubquant.recipe import build_recipe
+from hubquant.records import METRICS, Metrics
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +21,13 @@ TIMING = {"load_seconds", "prefill_tokens_per_second", "decode_tokens_per_second
 @pytest.fixture(scope="module")
 def variants(tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     out = tmp_path_factory.mktemp("eval-variants")
-    recipe = build_recipe({"source": str(tiny_phi3), "output": str(out),
-                           "variants": [{"format": "gguf", "precision": p} for p in ("F16", "Q8_0", "Q4_K_M")]})
+    recipe = build_recipe(
+        {
+            "source": str(tiny_phi3),
+            "output": str(out),
+            "variants": [{"format": "gguf", "precision": p} for p in ("F16", "Q8_0", "Q4_K_M")],
+        }
+    )
     result = quantize(recipe)
     assert not result.failures
     return [str(a.path) for a in result.artifacts]
@@ -36,11 +42,14 @@ def _eval_json(*args: str) -> dict:
 def test_metrics_order_and_f16_agreement(variants: list[str], tiny_phi3: Path) -> None:
     import jsonschema
 
+    from hubquant.table import table_schema
+
     document = _eval_json(*variants)
     schema = json.loads((Path(__file__).parents[1] / "hubquant/data/eval-table.schema.json").read_text())
+    assert schema == json.loads(json.dumps(table_schema())), "regenerate the schema file from hubquant.table"
     jsonschema.validate(document, schema)
-    rows = {row["precision"]: row for row in document["rows"]}
-    assert document["rows"][0]["reference"] is True
+    rows = {row["variant"]["precision"]: row for row in document["rows"]}
+    assert document["rows"][0]["is_reference"] is True
     sizes = [row["metrics"]["size_bytes"] for row in document["rows"]]
     assert sizes == sorted(sizes, reverse=True)
     f16, q8, q4 = (rows[p]["metrics"] for p in ("F16", "Q8_0", "Q4_K_M"))
@@ -49,17 +58,25 @@ def test_metrics_order_and_f16_agreement(variants: list[str], tiny_phi3: Path) -
     assert f16["kl_mean"] < 1e-3
     assert f16["kl_mean"] < q8["kl_mean"] < q4["kl_mean"]
     assert 0.9 < q4["top1_agreement"] <= q8["top1_agreement"] <= 1.0
-    assert set(METRICS) == set(f16)
+    assert set(METRICS) == set(Metrics.model_fields) == set(f16)
+    # The run's F16 variant is llama.cpp's floor: the other variants are also scored against it.
+    floor = rows["Q4_K_M"]["fidelity"]
+    assert floor["origin"] == "variant" and floor["precision"] == "F16" and not floor["deviates"]
+    assert f16["quant_kl_mean"] is None and q4["quant_kl_mean"] == pytest.approx(q4["kl_mean"], rel=0.2)
     for metrics in (f16, q8, q4):
         assert metrics["prefill_tokens_per_second"] > 0 and metrics["decode_tokens_per_second"] > 0
         assert 10 < metrics["peak_rss_mb"] < 4000 and metrics["load_seconds"] > 0
         assert metrics["export_seconds"] is not None
+        assert metrics["perplexity_stderr"] > 0 and metrics["ppl_delta_pct_stderr"] > 0
+        assert metrics["kl_mean_stderr"] > 0 and metrics["top1_agreement_stderr"] is not None
     assert q4["bits_per_weight"] < q8["bits_per_weight"] < f16["bits_per_weight"] < 17
     assert abs(f16["compression_ratio"] - 2.0) < 0.1  # fp32 source → f16
     # eval.json beside each artifact, with the same numbers
     written = json.loads((Path(rows["Q4_K_M"]["path"]) / "eval.json").read_text())
     assert written["metrics"] == q4 and written["variant"]["precision"] == "Q4_K_M"
     assert written["source"]["fingerprint"] and written["machine"]["cores"] >= 1
+    assert written["text"]["tokens_scored"] == document["text"]["tokens_scored"] > 0
+    assert written["text"]["label"].startswith("hubquant built-in text")
 
 
 def test_runs_agree_and_the_reference_is_cached(variants: list[str], tiny_phi3: Path, tmp_path: Path) -> None:
@@ -67,9 +84,11 @@ def test_runs_agree_and_the_reference_is_cached(variants: list[str], tiny_phi3: 
     code, out, err = run_cli("eval", *variants[:2], "--context", "256", "--json")
     second = json.loads(out)
     assert code == 0
-    for a, b in zip(first["rows"], second["rows"]):
-        assert {k: v for k, v in a["metrics"].items() if k not in TIMING} == \
-               {k: v for k, v in b["metrics"].items() if k not in TIMING}
+    for a, b in zip(first["rows"], second["rows"], strict=False):
+        assert {k: v for k, v in a["metrics"].items() if k not in TIMING} == {
+            k: v for k, v in b["metrics"].items() if k not in TIMING
+        }
+        assert a["fidelity"] == b["fidelity"]
     # The second run said it reused the cached reference; the table output names the step.
     code, _, err = run_cli("eval", variants[0], "--context", "256")
     assert code == 0 and "reusing cached logits" in err

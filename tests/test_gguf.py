@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import run_cli
 from hubquant.artifact import load_artifact
-import numpy as np
-
-from hubquant.evaluate import TorchRunner, kl_divergence, perplexity, read_text, token_windows, tokenize
 from hubquant.exporters import gguf as gguf_module
 from hubquant.exporters.gguf import GGUFExporter
 from hubquant.pipeline import quantize
 from hubquant.recipe import build_recipe
 from hubquant.source import resolve_source
+from hubquant.stats import kl_divergence
+from hubquant.stats import runner_perplexity as perplexity
+from hubquant.text import read_text, token_windows, tokenize
 from hubquant.tiny import build_tiny_phi
+from hubquant.torch_runner import TorchRunner
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +28,13 @@ CONTEXT = 256
 
 
 def _quantize(source: Path, output: Path, *precisions: str, force: bool = False, **options: object):
-    recipe = build_recipe({"source": str(source), "output": str(output),
-                           "variants": [{"format": "gguf", "precision": p, "options": dict(options)} for p in precisions]})
+    recipe = build_recipe(
+        {
+            "source": str(source),
+            "output": str(output),
+            "variants": [{"format": "gguf", "precision": p, "options": dict(options)} for p in precisions],
+        }
+    )
     return quantize(recipe, force=force)
 
 
@@ -81,8 +89,11 @@ def test_f16_perplexity_matches_pytorch_and_kl_orders_the_types(phi3_variants, t
         runner = GGUFExporter().runner(by_precision[precision], context_length=CONTEXT)
         try:
             ppl[precision] = perplexity(runner, windows)
-            kl[precision] = float(np.concatenate([kl_divergence(r, runner.logits(w))
-                                                  for r, w in zip(reference_logits, windows)]).mean())
+            kl[precision] = float(
+                np.concatenate(
+                    [kl_divergence(r, runner.logits(w)) for r, w in zip(reference_logits, windows, strict=False)]
+                ).mean()
+            )
         finally:
             runner.close()
     assert reference < 1000, "the tiny model should have learnt something (uniform over 2048 tokens is 2048)"
@@ -98,9 +109,25 @@ def test_phi4_style_needs_and_accepts_a_pre_tokenizer(tiny_phi4: Path, tmp_path:
     assert "pre-tokenizer" in err and "--option pre_tokenizer=" in err and "gpt-4o" in err
     assert not out.exists(), "a failed variant must leave no folder"
 
-    code, stdout, err = run_cli("quantize", str(tiny_phi4), "--precision", "F16", "--precision", "Q8_0",
-                                "--precision", "Q4_K_M", "--precision", "IQ4_XS", "--option", "pre_tokenizer=gpt-4o",
-                                "--option", "imatrix=true", "--output", str(out), "--json")
+    code, stdout, err = run_cli(
+        "quantize",
+        str(tiny_phi4),
+        "--precision",
+        "F16",
+        "--precision",
+        "Q8_0",
+        "--precision",
+        "Q4_K_M",
+        "--precision",
+        "IQ4_XS",
+        "--option",
+        "pre_tokenizer=gpt-4o",
+        "--option",
+        "imatrix=true",
+        "--output",
+        str(out),
+        "--json",
+    )
     assert code == 0, err
     listed = json.loads(stdout)
     assert [a["precision"] for a in listed] == ["F16", "Q8_0", "Q4_K_M", "IQ4_XS"]
@@ -140,19 +167,38 @@ def test_f16_intermediate_is_built_once(untrained_phi3: Path, tmp_path: Path, mo
     assert not list((tmp_path / "a").glob(".hubquant-tmp-*")), "the intermediate is not left behind"
 
 
-def test_intermediates_go_to_the_scratch_folder(untrained_phi3: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_intermediates_go_to_the_scratch_folder(
+    untrained_phi3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = _record_conversions(monkeypatch)
     scratch = tmp_path / "scratch"
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q4_0", "--output", str(tmp_path / "out"),
-                           "--scratch", str(scratch), "--no-track")
+    code, _, err = run_cli(
+        "quantize",
+        str(untrained_phi3),
+        "--precision",
+        "Q4_0",
+        "--output",
+        str(tmp_path / "out"),
+        "--scratch",
+        str(scratch),
+        "--no-track",
+    )
     assert code == 0, err
     assert "intermediates in" in err and calls and calls[0][1].is_relative_to(scratch)
     assert scratch.is_dir() and not list(scratch.iterdir()), "the intermediate and its folder are removed"
     assert not list((tmp_path / "out").glob(".hubquant-tmp-*"))
     (tmp_path / "a-file").write_text("x")
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q4_0", "--output", str(tmp_path / "out2"),
-                           "--scratch", str(tmp_path / "a-file"), "--no-track")
+    code, _, err = run_cli(
+        "quantize",
+        str(untrained_phi3),
+        "--precision",
+        "Q4_0",
+        "--output",
+        str(tmp_path / "out2"),
+        "--scratch",
+        str(tmp_path / "a-file"),
+        "--no-track",
+    )
     assert code == 1 and "--scratch" in err and "is a file" in err and "Traceback" not in err
     assert not (tmp_path / "out2").exists()
 
@@ -169,16 +215,18 @@ def test_reuse_and_force(untrained_phi3: Path, tmp_path: Path) -> None:
     assert code == 0 and json.loads(stdout)[0]["reused"] is True
     assert "reusing" in err and _gguf_file(artifact).stat().st_mtime_ns == stamp
 
-    code, stdout, err = run_cli("quantize", str(untrained_phi3), "--precision", "int4", "--output", str(out),
-                                "--json", "--force")
+    code, stdout, err = run_cli(
+        "quantize", str(untrained_phi3), "--precision", "int4", "--output", str(out), "--json", "--force"
+    )
     assert code == 0 and json.loads(stdout)[0]["reused"] is False
     again = json.loads((artifact / "manifest.json").read_text())
     assert again["files"][0]["sha256"] == first["files"][0]["sha256"], "llama.cpp quantization is deterministic"
     assert _gguf_file(artifact).stat().st_mtime_ns != stamp
 
     # A different option is a different artifact, built beside the first one.
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "int4", "--option", "imatrix=true",
-                           "--output", str(out))
+    code, _, err = run_cli(
+        "quantize", str(untrained_phi3), "--precision", "int4", "--option", "imatrix=true", "--output", str(out)
+    )
     assert code == 0 and (out / "gguf-Q4_K_M-imatrix").is_dir()
     with_matrix = json.loads((out / "gguf-Q4_K_M-imatrix" / "manifest.json").read_text())
     assert with_matrix["files"][0]["sha256"] != first["files"][0]["sha256"]
@@ -196,7 +244,9 @@ def test_leftovers_of_a_killed_run_are_cleaned(untrained_phi3: Path, tmp_path: P
 
 def test_kquant_fallback_is_reported(tmp_path: Path) -> None:
     odd = build_tiny_phi(tmp_path / "odd-shape", style="phi3", steps=0, hidden=320, ffn=640, heads=4)
-    code, stdout, err = run_cli("quantize", str(odd), "--precision", "Q4_K_M", "--output", str(tmp_path / "o"), "--json")
+    code, stdout, err = run_cli(
+        "quantize", str(odd), "--precision", "Q4_K_M", "--output", str(tmp_path / "o"), "--json"
+    )
     assert code == 0, err
     (summary,) = json.loads(stdout)
     assert summary["warnings"] and "fell back" in summary["warnings"][0]

@@ -13,8 +13,12 @@ from conftest import run_cli
 from hub_server import HubServer
 
 NAMESPACE = "alice"
-REPOS = {f"{NAMESPACE}/tiny-phi3-GGUF", f"{NAMESPACE}/tiny-phi3-onnx", f"{NAMESPACE}/tiny-phi3-int4-ov",
-         f"{NAMESPACE}/tiny-phi3-4bit"}
+REPOS = {
+    f"{NAMESPACE}/tiny-phi3-GGUF",
+    f"{NAMESPACE}/tiny-phi3-onnx",
+    f"{NAMESPACE}/tiny-phi3-int4-ov",
+    f"{NAMESPACE}/tiny-phi3-4bit",
+}
 BASE = "hubquant-tests/tiny-phi3"
 
 
@@ -26,14 +30,26 @@ def four_formats(tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> l
     model = out / "tiny-phi3"
     shutil.copytree(tiny_phi3, model)
     recipe = out / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"source": str(model), "output": str(out / "variants"), "variants": [
-        {"format": "gguf", "precision": "Q8_0"}, {"format": "onnx", "precision": "int4"},
-        {"format": "openvino", "precision": "int4"}, {"format": "mlx", "precision": "4bit"}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "source": str(model),
+                "output": str(out / "variants"),
+                "variants": [
+                    {"format": "gguf", "precision": "Q8_0"},
+                    {"format": "onnx", "precision": "int4"},
+                    {"format": "openvino", "precision": "int4"},
+                    {"format": "mlx", "precision": "4bit"},
+                ],
+            }
+        )
+    )
     code, stdout, err = run_cli("quantize", "--recipe", str(recipe), "--json", "--no-track")
     assert code == 0, err
     paths = [Path(a["path"]) for a in json.loads(stdout)]
-    code, _, err = run_cli("eval", *map(str, paths), "--context", "128", "--max-windows", "2", "--gen-tokens", "8",
-                           "--no-track")
+    code, _, err = run_cli(
+        "eval", *map(str, paths), "--context", "128", "--max-windows", "2", "--gen-tokens", "8", "--no-track"
+    )
     assert code == 0, err
     return paths
 
@@ -45,7 +61,9 @@ def hub(monkeypatch: pytest.MonkeyPatch):
     with HubServer() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
@@ -65,8 +83,9 @@ def _json_push(*args: str) -> dict:
     return json.loads(out)
 
 
-def test_publish_four_formats_then_republish_nothing(four_formats: list[Path], hub: HubServer,
-                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_publish_four_formats_then_republish_nothing(
+    four_formats: list[Path], hub: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from huggingface_hub import HfApi, ModelCard
 
     token = hub.add_user(NAMESPACE)
@@ -101,8 +120,12 @@ def test_publish_four_formats_then_republish_nothing(four_formats: list[Path], h
     assert any(path == "/api/validate-yaml" for _, path, _ in hub.calls)
     assert f"{NAMESPACE}/tiny-phi3-onnx" in card.text and "llama-cpp-python" in card.text
     libraries = {r: ModelCard.load(r).data.library_name for r in REPOS}
-    assert libraries == {f"{NAMESPACE}/tiny-phi3-GGUF": "gguf", f"{NAMESPACE}/tiny-phi3-onnx": "onnxruntime-genai",
-                         f"{NAMESPACE}/tiny-phi3-int4-ov": "openvino", f"{NAMESPACE}/tiny-phi3-4bit": "mlx"}
+    assert libraries == {
+        f"{NAMESPACE}/tiny-phi3-GGUF": "gguf",
+        f"{NAMESPACE}/tiny-phi3-onnx": "onnxruntime-genai",
+        f"{NAMESPACE}/tiny-phi3-int4-ov": "openvino",
+        f"{NAMESPACE}/tiny-phi3-4bit": "mlx",
+    }
     collection = next(iter(hub.state.collections.values()))
     assert {item["id"] for item in collection["items"]} == REPOS
     assert HfApi().model_info(f"{NAMESPACE}/tiny-phi3-4bit").card_data.library_name == "mlx"
@@ -131,8 +154,9 @@ def test_publish_four_formats_then_republish_nothing(four_formats: list[Path], h
     assert token not in out + err
 
 
-def test_errors_leave_the_repo_as_it_was(four_formats: list[Path], hub: HubServer,
-                                         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_errors_leave_the_repo_as_it_was(
+    four_formats: list[Path], hub: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     gguf = str(next(p for p in four_formats if p.name.startswith("gguf-")))
     # No token: a dry run, said so.
     code, out, err = _push(gguf, "--stage-dir", str(tmp_path / "s"))
@@ -186,14 +210,16 @@ def test_create_pr_and_revision(four_formats: list[Path], hub: HubServer, monkey
     assert code == 1 and "Traceback" not in err, err
 
 
-def test_cards_and_commits_reach_mlflow(tiny_phi3: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch,
-                                        tmp_path: Path) -> None:
+def test_cards_and_commits_reach_mlflow(
+    tiny_phi3: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Push records hf.repo_id / hf.commit / hf.url on the variant's run, and the card names the run."""
     from mlflow import MlflowClient
 
     monkeypatch.setenv("HF_TOKEN", hub.add_user(NAMESPACE))
-    code, stdout, err = run_cli("quantize", str(tiny_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "o"),
-                                "--json")
+    code, stdout, err = run_cli(
+        "quantize", str(tiny_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "o"), "--json"
+    )
     assert code == 0, err
     artifact = json.loads(stdout)[0]["path"]
     code, _, err = run_cli("push", "--run", _run_of(artifact), "--base-model", BASE, "--no-collection")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from hubquant.errors import SourceError, UnsupportedModelError
 from hubquant.source import resolve_source
+
+from conftest import run_cli
 
 
 def _assert_clean_failure(code: int, err: str, *needles: str) -> None:
@@ -29,7 +30,8 @@ def test_help_does_not_import_heavy_libraries() -> None:
         "from hubquant.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "try:\n    main(['quantize', '--help'])\nexcept SystemExit:\n    pass\n"
-        "heavy = {'torch', 'transformers', 'llama_cpp', 'openvino', 'onnxruntime', 'onnxruntime_genai', 'mlx', 'gguf', 'conversion'}\n"
+        "heavy = {'torch', 'transformers', 'llama_cpp', 'openvino', 'onnxruntime', 'onnxruntime_genai', 'mlx',"
+        " 'gguf', 'conversion'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -131,8 +133,12 @@ def test_unwritable_output(untrained_phi3: Path) -> None:
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     env = {"HUBQUANT_DEBUG": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "hubquant.cli", "quantize", str(tmp_path / "missing")],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "hubquant.cli", "quantize", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 1 and "Traceback" in result.stderr and "SourceError" in result.stderr
 
 

@@ -14,10 +14,19 @@ import pytest
 from conftest import run_cli
 from hub_server import HubServer
 
-GITHUB_ENV = {"GITHUB_ACTIONS": "true", "GITHUB_REPOSITORY": "acme/phi-publish", "GITHUB_WORKFLOW": "publish",
-              "GITHUB_JOB": "quantize", "GITHUB_RUN_ID": "4242", "GITHUB_RUN_ATTEMPT": "2", "GITHUB_SHA": "a" * 40,
-              "GITHUB_REF": "refs/heads/main", "GITHUB_ACTOR": "octocat", "GITHUB_SERVER_URL": "https://github.com",
-              "GITHUB_TOKEN": "ghs_secretvalue0123456789"}
+GITHUB_ENV = {
+    "GITHUB_ACTIONS": "true",
+    "GITHUB_REPOSITORY": "acme/phi-publish",
+    "GITHUB_WORKFLOW": "publish",
+    "GITHUB_JOB": "quantize",
+    "GITHUB_RUN_ID": "4242",
+    "GITHUB_RUN_ATTEMPT": "2",
+    "GITHUB_SHA": "a" * 40,
+    "GITHUB_REF": "refs/heads/main",
+    "GITHUB_ACTOR": "octocat",
+    "GITHUB_SERVER_URL": "https://github.com",
+    "GITHUB_TOKEN": "ghs_secretvalue0123456789",
+}
 
 
 def test_entry_points_are_found_by_mlflow() -> None:
@@ -30,8 +39,12 @@ def test_entry_points_are_found_by_mlflow() -> None:
     assert any(isinstance(p, GitHubActionsRunContext) for p in _run_context_provider_registry)
     assert isinstance(get_deploy_client("huggingface"), HuggingFaceDeploymentClient)
     assert isinstance(get_deploy_client("hf"), HuggingFaceDeploymentClient)
-    completed = subprocess.run([sys.executable, "-m", "mlflow", "deployments", "help", "-t", "huggingface"],
-                               capture_output=True, text=True, check=False)
+    completed = subprocess.run(
+        [sys.executable, "-m", "mlflow", "deployments", "help", "-t", "huggingface"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert completed.returncode == 0, completed.stderr
     for key in ("private", "create_pr", "revision", "base_model", "confirm"):
         assert key in completed.stdout
@@ -53,38 +66,77 @@ def test_runs_get_github_tags_only_inside_actions(tmp_path: Path, monkeypatch: p
     tags_outside = client.get_run(outside.info.run_id).data.tags
     tags_inside = client.get_run(inside.info.run_id).data.tags
     assert not any(k.startswith("github.") for k in tags_outside)
-    expected = {"github.repository": "acme/phi-publish", "github.workflow": "publish", "github.job": "quantize",
-                "github.run_id": "4242", "github.run_attempt": "2", "github.sha": "a" * 40,
-                "github.ref": "refs/heads/main", "github.actor": "octocat",
-                "github.run_url": "https://github.com/acme/phi-publish/actions/runs/4242"}
+    expected = {
+        "github.repository": "acme/phi-publish",
+        "github.workflow": "publish",
+        "github.job": "quantize",
+        "github.run_id": "4242",
+        "github.run_attempt": "2",
+        "github.sha": "a" * 40,
+        "github.ref": "refs/heads/main",
+        "github.actor": "octocat",
+        "github.run_url": "https://github.com/acme/phi-publish/actions/runs/4242",
+    }
     assert {k: v for k, v in tags_inside.items() if k.startswith("github.")} == expected
     assert "ghs_secretvalue" not in json.dumps(tags_inside)
     mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.slow
-def test_deployments_cli_publishes_updates_and_deletes(untrained_phi3: Path, tmp_path: Path, mlflow_server,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deployments_cli_publishes_updates_and_deletes(
+    untrained_phi3: Path, tmp_path: Path, mlflow_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with HubServer() as hub:
         token = hub.add_user("alice")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-        code, stdout, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q8_0", "--output",
-                                    str(tmp_path / "out"), "--json", "--experiment", "plugin-test")
+        code, stdout, err = run_cli(
+            "quantize",
+            str(untrained_phi3),
+            "--precision",
+            "Q8_0",
+            "--output",
+            str(tmp_path / "out"),
+            "--json",
+            "--experiment",
+            "plugin-test",
+        )
         assert code == 0 and stdout.strip(), (stdout, err)
         manifest = json.loads((Path(json.loads(stdout)[0]["path"]) / "manifest.json").read_text())
         from hubquant.tracking import variant_runs
 
         run_id = variant_runs(mlflow_server.url, [manifest["cache_key"]])[manifest["cache_key"]]
-        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "HF_ENDPOINT": hub.url, "HF_TOKEN": token,
-               "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HUBQUANT_HUB_RETRY_WAIT": "0.05"}
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": mlflow_server.url,
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": token,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HUBQUANT_HUB_RETRY_WAIT": "0.05",
+        }
 
         def mlflow_cli(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "mlflow", "deployments", *args], env=env,
-                                  capture_output=True, text=True, timeout=300, check=False)
+            return subprocess.run(
+                [sys.executable, "-m", "mlflow", "deployments", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
 
         repo = "alice/untrained-phi3-GGUF"
-        created = mlflow_cli("create", "-t", "huggingface", "--name", repo, "-m", f"runs:/{run_id}/manifest.json",
-                             "-C", "base_model=hubquant-tests/untrained-phi3")
+        created = mlflow_cli(
+            "create",
+            "-t",
+            "huggingface",
+            "--name",
+            repo,
+            "-m",
+            f"runs:/{run_id}/manifest.json",
+            "-C",
+            "base_model=hubquant-tests/untrained-phi3",
+        )
         assert created.returncode == 0, created.stderr[-2000:]
         assert "untrained-phi3-Q8_0.gguf" in hub.files(repo) and len(hub.commits(repo)) == 2
         assert token not in created.stdout + created.stderr
@@ -95,8 +147,17 @@ def test_deployments_cli_publishes_updates_and_deletes(untrained_phi3: Path, tmp
         assert listed.returncode == 0 and repo in listed.stdout, listed.stderr[-2000:]
 
         # update: a changed card (another base model) is one more commit with the card only.
-        updated = mlflow_cli("update", "-t", "huggingface", "--name", repo, "-m", f"runs:/{run_id}/manifest.json",
-                             "-C", "base_model=hubquant-tests/other")
+        updated = mlflow_cli(
+            "update",
+            "-t",
+            "huggingface",
+            "--name",
+            repo,
+            "-m",
+            f"runs:/{run_id}/manifest.json",
+            "-C",
+            "base_model=hubquant-tests/other",
+        )
         assert updated.returncode == 0, updated.stderr[-2000:]
         assert len(hub.commits(repo)) == 3 and "hubquant-tests/other" in hub.files(repo)["README.md"].decode()
 

@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import quantize_json, run_cli
-from hubquant.evaluate import TorchRunner, kl_divergence, perplexity, read_text, token_windows, tokenize
 from hubquant.exporters.onnx import ONNXRunner
 from hubquant.source import resolve_source
+from hubquant.stats import kl_divergence
+from hubquant.stats import runner_perplexity as perplexity
+from hubquant.text import read_text, token_windows, tokenize
+from hubquant.torch_runner import TorchRunner
+
+from conftest import quantize_json, run_cli
 
 pytestmark = pytest.mark.slow
 CONTEXT = 256
@@ -47,10 +51,16 @@ def test_phi3_style_cpu_variants(tiny_phi3: Path, tmp_path: Path) -> None:
     built = _build(tiny_phi3, tmp_path / "a", "int4", "int8", "fp32")
     built += _build(tiny_phi3, tmp_path / "a", "int4", options=("--option", "block_size=128"))
     paths = {Path(a["path"]).name: Path(a["path"]) for a in built}
-    assert set(paths) == {"onnx-cpu-int4-rtn-block-32-acc-level-4", "onnx-cpu-int8-rtn-block-32-acc-level-4",
-                          "onnx-cpu-fp32", "onnx-cpu-int4-rtn-block-128-acc-level-4"}
+    assert set(paths) == {
+        "onnx-cpu-int4-rtn-block-32-acc-level-4",
+        "onnx-cpu-int8-rtn-block-32-acc-level-4",
+        "onnx-cpu-fp32",
+        "onnx-cpu-int4-rtn-block-128-acc-level-4",
+    }
     for path in paths.values():
-        assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= {p.name for p in path.iterdir()}
+        assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= {
+            p.name for p in path.iterdir()
+        }
         assert "<|user|>" in (path / "chat_template.jinja").read_text()
         assert _generate(path)
     ref, fp32, kl_fp32 = _kl_and_ppl(tiny_phi3, paths["onnx-cpu-fp32"])
@@ -91,26 +101,69 @@ def test_gpu_target_builds(untrained_phi3: Path, tmp_path: Path) -> None:
 def test_formats_lists_targets_and_options() -> None:
     code, out, _ = run_cli("formats")
     assert code == 0
-    section = out[out.index("onnx:"):]
-    for needle in ("targets", "cpu", "int4, int8, fp32", "cuda", "block_size", "accuracy_level", "algo",
-                   "quantize_lm_head", "default 32"):
+    section = out[out.index("onnx:") :]
+    for needle in (
+        "targets",
+        "cpu",
+        "int4, int8, fp32",
+        "cuda",
+        "block_size",
+        "accuracy_level",
+        "algo",
+        "quantize_lm_head",
+        "default 32",
+    ):
         assert needle in section, needle
 
 
 def test_invalid_combinations_and_builder_failure(untrained_phi3: Path, tmp_path: Path) -> None:
     out = tmp_path / "e"
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--format", "onnx", "--precision", "fp16",
-                           "--output", str(out), "--no-track")
+    code, _, err = run_cli(
+        "quantize", str(untrained_phi3), "--format", "onnx", "--precision", "fp16", "--output", str(out), "--no-track"
+    )
     assert code == 1 and "cannot run on the cpu target" in err and "cuda/fp16" in err
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--format", "onnx", "--precision", "int4",
-                           "--option", "int4_block_size=32", "--output", str(out), "--no-track")
+    code, _, err = run_cli(
+        "quantize",
+        str(untrained_phi3),
+        "--format",
+        "onnx",
+        "--precision",
+        "int4",
+        "--option",
+        "int4_block_size=32",
+        "--output",
+        str(out),
+        "--no-track",
+    )
     assert code == 1 and "no option 'int4_block_size'" in err and "block_size" in err
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--format", "onnx", "--precision", "fp32",
-                           "--option", "block_size=64", "--output", str(out), "--no-track")
+    code, _, err = run_cli(
+        "quantize",
+        str(untrained_phi3),
+        "--format",
+        "onnx",
+        "--precision",
+        "fp32",
+        "--option",
+        "block_size=64",
+        "--output",
+        str(out),
+        "--no-track",
+    )
     assert code == 1 and "only applies to int4/int8" in err
     # The builder itself refuses: shared embeddings on a model whose embeddings are not tied.
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--format", "onnx", "--precision", "int4",
-                           "--option", "shared_embeddings=true", "--output", str(out), "--no-track")
+    code, _, err = run_cli(
+        "quantize",
+        str(untrained_phi3),
+        "--format",
+        "onnx",
+        "--precision",
+        "int4",
+        "--option",
+        "shared_embeddings=true",
+        "--output",
+        str(out),
+        "--no-track",
+    )
     assert code == 1 and "Traceback" not in err and "builder failed" in err and "shared_embeddings" in err
     assert not out.exists()
 
@@ -131,8 +184,9 @@ def _matmul_weights(path: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("style,options", [("phi3", ("symmetric=false",)), ("phi4mini", ())])
-def test_prequantized_route_matches_direct(style: str, options: tuple[str, ...], request: pytest.FixtureRequest,
-                                           tmp_path: Path) -> None:
+def test_prequantized_route_matches_direct(
+    style: str, options: tuple[str, ...], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     """The low-memory route (a checkpoint quantized tensor by tensor with ORT's own functions, read by the
     builder's olive loader) gives the same MatMulNBits bytes and the same logits as the builder's direct route."""
     model = request.getfixturevalue(f"tiny_{style}")
@@ -152,13 +206,28 @@ def test_prequantized_route_matches_direct(style: str, options: tuple[str, ...],
         assert with_zeros and all("qkv_proj" in name for name in with_zeros), with_zeros
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
     windows = token_windows(tokenize(resolve_source(model), read_text(None)), 64)[:2]
-    first, second = ONNXRunner(Path(direct["path"]), context_length=64), ONNXRunner(Path(pre["path"]), context_length=64)
+    first, second = (
+        ONNXRunner(Path(direct["path"]), context_length=64),
+        ONNXRunner(Path(pre["path"]), context_length=64),
+    )
     for window in windows:
         assert np.array_equal(first.logits(window), second.logits(window))
 
 
 def test_prequantized_route_refused_where_it_does_not_apply(tiny_phi3: Path, tmp_path: Path) -> None:
-    code, _, err = run_cli("quantize", str(tiny_phi3), "--format", "onnx", "--precision", "int4",
-                           "--option", "route=prequantized", "--option", "algo=default",
-                           "--output", str(tmp_path / "x"), "--no-track")
+    code, _, err = run_cli(
+        "quantize",
+        str(tiny_phi3),
+        "--format",
+        "onnx",
+        "--precision",
+        "int4",
+        "--option",
+        "route=prequantized",
+        "--option",
+        "algo=default",
+        "--output",
+        str(tmp_path / "x"),
+        "--no-track",
+    )
     assert code == 1 and "prequantized ONNX route does not apply" in err and "MLAS" in err and "Traceback" not in err

@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run_cli
-from hubquant.evaluate import TorchRunner, kl_divergence, perplexity, read_text, token_windows, tokenize
 from hubquant.exporters.openvino import OpenVINORunner
 from hubquant.source import resolve_source
+from hubquant.stats import kl_divergence
+from hubquant.stats import runner_perplexity as perplexity
+from hubquant.text import read_text, token_windows, tokenize
+from hubquant.torch_runner import TorchRunner
+
+from conftest import run_cli
 
 CONTEXT = 256
 
@@ -69,7 +73,11 @@ def _scores(model: Path, artifacts: dict[str, Path]) -> dict[str, tuple[float, f
     scores = {"reference": (perplexity(reference, windows), 0.0)}
     for name, path in artifacts.items():
         runner = OpenVINORunner(path)
-        kl = float(np.concatenate([kl_divergence(r, runner.logits(w)) for r, w in zip(ref_logits, windows)]).mean())
+        kl = float(
+            np.concatenate(
+                [kl_divergence(r, runner.logits(w)) for r, w in zip(ref_logits, windows, strict=False)]
+            ).mean()
+        )
         scores[name] = (perplexity(runner, windows), kl)
         runner.close()
     return scores
@@ -80,13 +88,26 @@ def _scores(model: Path, artifacts: dict[str, Path]) -> dict[str, tuple[float, f
 def test_variants_load_generate_and_score(style: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     model = request.getfixturevalue(f"tiny_{style}")
     built = _build(model, tmp_path / "out", VARIANTS, tmp_path)
-    assert set(built) == {"openvino-int4-sym-g64", "openvino-int4-g128-r0.8", "openvino-int4-g64-awq-se",
-                          "openvino-int4-g64", "openvino-int4-g64-gptq", "openvino-int8", "openvino-fp16",
-                          "openvino-fp32"}
+    assert set(built) == {
+        "openvino-int4-sym-g64",
+        "openvino-int4-g128-r0.8",
+        "openvino-int4-g64-awq-se",
+        "openvino-int4-g64",
+        "openvino-int4-g64-gptq",
+        "openvino-int8",
+        "openvino-fp16",
+        "openvino-fp32",
+    }
     for path in built.values():
         files = {p.name for p in path.iterdir()}
-        assert {"openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml",
-                "config.json", "chat_template.jinja"} <= files, files
+        assert {
+            "openvino_model.xml",
+            "openvino_model.bin",
+            "openvino_tokenizer.xml",
+            "openvino_detokenizer.xml",
+            "config.json",
+            "chat_template.jinja",
+        } <= files, files
         _generate_both(path)
     # What NNCF was asked to do is what the artifact records.
     settings = _settings(built["openvino-int4-g64-awq-se"])
@@ -118,25 +139,44 @@ def test_model_defaults_from_optimum_intel_table(untrained_phi3: Path, tmp_path:
     assert any("recommended int4 settings" in w for w in warnings), warnings
     assert any("calibrated on hubquant's built-in text" in w for w in warnings), warnings
     # defaults=none: optimum-intel's generic default (group 128) instead.
-    built = _build(model, tmp_path / "out", [{"format": "openvino", "precision": "int4",
-                                              "options": {"defaults": "none"}}], tmp_path)
+    built = _build(
+        model,
+        tmp_path / "out",
+        [{"format": "openvino", "precision": "int4", "options": {"defaults": "none"}}],
+        tmp_path,
+    )
     quant = _settings(built["openvino-int4-no-defaults"])
     assert quant["group_size"] == 128 and not quant.get("scale_estimation")
 
 
-@pytest.mark.parametrize(("precision", "option", "message"), [
-    ("fp16", "group_size=64", "only applies to int4/int8"),
-    ("int8", "ratio=0.8", "only applies to int4"),
-    ("int4", "backup_precision=int8_sym", "only matters with ratio below 1"),
-    ("int4", "group_size=48", "group_size"),
-    ("int4", "ratio=1.5", "ratio"),
-    ("int4", "awq_mode=1", "has no option 'awq_mode'"),
-    ("int4", "dataset=no-such-dataset", "neither a text file nor a dataset"),
-])
-def test_bad_options_are_refused_before_any_work(untrained_phi3: Path, tmp_path: Path, precision: str, option: str,
-                                                 message: str) -> None:
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--format", "openvino", "--precision", precision,
-                           "--option", option, "--output", str(tmp_path / "out"), "--no-track")
+@pytest.mark.parametrize(
+    ("precision", "option", "message"),
+    [
+        ("fp16", "group_size=64", "only applies to int4/int8"),
+        ("int8", "ratio=0.8", "only applies to int4"),
+        ("int4", "backup_precision=int8_sym", "only matters with ratio below 1"),
+        ("int4", "group_size=48", "group_size"),
+        ("int4", "ratio=1.5", "ratio"),
+        ("int4", "awq_mode=1", "has no option 'awq_mode'"),
+        ("int4", "dataset=no-such-dataset", "neither a text file nor a dataset"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(
+    untrained_phi3: Path, tmp_path: Path, precision: str, option: str, message: str
+) -> None:
+    code, _, err = run_cli(
+        "quantize",
+        str(untrained_phi3),
+        "--format",
+        "openvino",
+        "--precision",
+        precision,
+        "--option",
+        option,
+        "--output",
+        str(tmp_path / "out"),
+        "--no-track",
+    )
     assert code == 1 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -144,8 +184,10 @@ def test_bad_options_are_refused_before_any_work(untrained_phi3: Path, tmp_path:
 @pytest.mark.slow
 def test_nncf_failure_is_one_clear_error_and_leaves_nothing(untrained_phi3: Path, tmp_path: Path) -> None:
     """A calibration dataset that cannot be fetched (no network here) fails that variant only."""
-    variants = [{"format": "openvino", "precision": "int4", "options": {"awq": True, "dataset": "wikitext2"}},
-                {"format": "openvino", "precision": "int8"}]
+    variants = [
+        {"format": "openvino", "precision": "int4", "options": {"awq": True, "dataset": "wikitext2"}},
+        {"format": "openvino", "precision": "int8"},
+    ]
     recipe = tmp_path / "recipe.yaml"
     out = tmp_path / "out"
     recipe.write_text(yaml.safe_dump({"source": str(untrained_phi3), "output": str(out), "variants": variants}))

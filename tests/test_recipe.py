@@ -16,8 +16,18 @@ def _recipe(**variant: object) -> dict:
     return {"source": "some/model", "variants": [{"format": "gguf", **variant}]}
 
 
-@pytest.mark.parametrize(("given", "native"), [("int4", "Q4_K_M"), ("int8", "Q8_0"), ("fp16", "F16"), ("fp32", "F32"),
-                                               ("INT4", "Q4_K_M"), ("q5_k_m", "Q5_K_M"), ("IQ4_XS", "IQ4_XS")])
+@pytest.mark.parametrize(
+    ("given", "native"),
+    [
+        ("int4", "Q4_K_M"),
+        ("int8", "Q8_0"),
+        ("fp16", "F16"),
+        ("fp32", "F32"),
+        ("INT4", "Q4_K_M"),
+        ("q5_k_m", "Q5_K_M"),
+        ("IQ4_XS", "IQ4_XS"),
+    ],
+)
 def test_generic_and_native_precisions_resolve(given: str, native: str) -> None:
     assert VariantSpec(format="gguf", precision=given).resolved().precision == native
 
@@ -61,7 +71,7 @@ def test_unknown_recipe_and_variant_keys() -> None:
     assert "outptu" in info.value.message and "output" in info.value.hint
     with pytest.raises(RecipeError) as info:
         build_recipe({"source": "x/y", "variants": [{"format": "gguf", "precision": "int4", "bits": 4}]})
-    assert "variants.0.bits" in info.value.message and "precision" in info.value.hint
+    assert "variants[0].bits" in info.value.message and "precision" in info.value.hint
 
 
 def test_missing_variants_and_duplicates() -> None:
@@ -70,8 +80,12 @@ def test_missing_variants_and_duplicates() -> None:
     with pytest.raises(RecipeError, match="at least one variant"):
         build_recipe({"source": "x/y", "variants": []})
     with pytest.raises(RecipeError, match="repeats"):
-        build_recipe({"source": "x/y", "variants": [{"format": "gguf", "precision": "int4"},
-                                                    {"format": "gguf", "precision": "Q4_K_M"}]})
+        build_recipe(
+            {
+                "source": "x/y",
+                "variants": [{"format": "gguf", "precision": "int4"}, {"format": "gguf", "precision": "Q4_K_M"}],
+            }
+        )
 
 
 @pytest.mark.parametrize("precision", ["IQ2_XS", "IQ3_XS", "IQ1_M", "Q2_K_S"])
@@ -102,8 +116,10 @@ def test_missing_calibration_text(tmp_path: Path) -> None:
 def test_yaml_recipe_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     path = tmp_path / "recipe.yaml"
-    path.write_text("source: model\noutput: out\nvariants:\n  - {format: gguf, precision: int8}\n"
-                    "  - {format: gguf, precision: IQ4_XS, options: {imatrix: true}}\n")
+    path.write_text(
+        "source: model\noutput: out\nvariants:\n  - {format: gguf, precision: int8}\n"
+        "  - {format: gguf, precision: IQ4_XS, options: {imatrix: true}}\n"
+    )
     recipe = load_recipe(path)
     assert recipe.source == str(tmp_path / "model")
     assert recipe.output == tmp_path / "out"
@@ -118,47 +134,53 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
         load_recipe(tmp_path / "missing.yaml")
 
 
-def test_registry_validates_declarations() -> None:
+def _format_class(name: str, **changes: object) -> type:
+    """An exporter class with a complete declaration, changed by ``changes`` (None deletes an attribute)."""
+
     class FineOptions(ExporterOptions):
         pass
 
+    attributes: dict[str, object] = {
+        "name": name,
+        "description": "x",
+        "extra": "x",
+        "precisions": {"A": "a"},
+        "generic_precisions": {"int4": "A", "int8": "A", "fp16": "A", "fp32": "A"},
+        "Options": FineOptions,
+        "library_name": "x",
+        "display_name": "X",
+        "repo_template": "{model}-x",
+        "repo_layout": "files",
+        "export_one": lambda self, source, job, *, shared, progress: None,
+        "runner": lambda self, artifact, *, context_length: None,
+    }
+    attributes.update(changes)
+    return type(
+        f"Exporter_{name.replace('-', '_')}", (Exporter,), {k: v for k, v in attributes.items() if v is not None}
+    )
+
+
+def test_registry_validates_declarations() -> None:
     with pytest.raises(RegistryError, match="already registered"):
-        @register_exporter
-        class Again(Exporter):  # noqa: F811
-            name = "gguf"
-            description = "x"
-            extra = "x"
-            precisions = {"A": "a"}
-            generic_precisions = {"int4": "A", "int8": "A", "fp16": "A", "fp32": "A"}
-
+        register_exporter(_format_class("gguf"))
     with pytest.raises(RegistryError, match="generic precisions"):
-        @register_exporter
-        class Partial(Exporter):
-            name = "partial"
-            description = "x"
-            extra = "x"
-            precisions = {"A": "a"}
-            generic_precisions = {"int4": "A"}
-
+        register_exporter(_format_class("partial", generic_precisions={"int4": "A"}))
     with pytest.raises(RegistryError, match="unknown ones"):
-        @register_exporter
-        class Wrong(Exporter):
-            name = "wrong"
-            description = "x"
-            extra = "x"
-            precisions = {"A": "a"}
-            generic_precisions = {"int4": "B", "int8": "A", "fp16": "A", "fp32": "A"}
-
-    @register_exporter
-    class Fine(Exporter):
-        name = "fine-test-format"
-        description = "x"
-        extra = "x"
-        precisions = {"A": "a"}
-        generic_precisions = {"int4": "A", "int8": "A", "fp16": "A", "fp32": "A"}
-        Options = FineOptions
-
+        register_exporter(
+            _format_class("wrong", generic_precisions={"int4": "B", "int8": "A", "fp16": "A", "fp32": "A"})
+        )
+    with pytest.raises(RegistryError, match="does not declare 'library_name'"):
+        register_exporter(_format_class("no-library", library_name=None))
+    with pytest.raises(RegistryError, match="does not implement runner"):
+        register_exporter(_format_class("no-runner", runner=None))
+    with pytest.raises(RegistryError, match="neither export_one"):
+        register_exporter(_format_class("no-export", export_one=None))
+    with pytest.raises(RegistryError, match="unknown field"):
+        register_exporter(_format_class("bad-template", repo_template="{model}-{quant}"))
+    with pytest.raises(RegistryError, match="repo_layout"):
+        register_exporter(_format_class("bad-layout", repo_layout="zip"))
+    fine = register_exporter(_format_class("fine-test-format"))
     try:
-        assert get_exporter("fine-test-format") is Fine
+        assert get_exporter("fine-test-format") is fine
     finally:
         unregister_exporter("fine-test-format")

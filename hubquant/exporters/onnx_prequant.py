@@ -27,6 +27,7 @@ import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,9 @@ def unsupported_reason(config: dict[str, Any], folder: Path, *, precision: str, 
     return None
 
 
-def quantize(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool, algo: str
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def quantize(
+    weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool, algo: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One (out, in) float32 weight → (qweight (out, in·bits/8), scales (out, blocks), qzeros or None).
 
     Exactly what ``rtn_quantize`` does for one MatMul, through the same ORT functions.
@@ -113,9 +115,15 @@ def quantize(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
         q_weight, scale, zero_point = quant_tensor(weight, bits, block_size, "sym" if symmetric else "asym", "uint", 1)
     node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="w")
     _, initializers = make_matmul_weight_only_node(
-        node=node, weight_shape=(in_features, out_features), num_bits=bits, group_size=block_size,
-        k_blocks=k_blocks, q_weight=q_weight.astype("uint8"), scale=scale.astype(np.float32),
-        zero_point=zero_point if (not symmetric or algo == "k_quant") else None)
+        node=node,
+        weight_shape=(in_features, out_features),
+        num_bits=bits,
+        group_size=block_size,
+        k_blocks=k_blocks,
+        q_weight=q_weight.astype("uint8"),
+        scale=scale.astype(np.float32),
+        zero_point=zero_point if (not symmetric or algo == "k_quant") else None,
+    )
     arrays = {init.name: numpy_helper.to_array(init) for init in initializers}
     qweight = arrays[f"w_Q{bits}G{block_size}"].reshape(out_features, -1)
     scales = arrays["w_scale"].reshape(out_features, k_blocks)
@@ -151,81 +159,136 @@ def _row_split(name: str, rows: int, config: dict[str, Any]) -> list[tuple[str, 
         q_size = config["num_attention_heads"] * head_dim
         kv_size = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
         stem = base.removesuffix("qkv_proj")
-        return [(stem + "q_proj", 0, q_size), (stem + "k_proj", q_size, q_size + kv_size),
-                (stem + "v_proj", q_size + kv_size, rows)]
+        return [
+            (stem + "q_proj", 0, q_size),
+            (stem + "k_proj", q_size, q_size + kv_size),
+            (stem + "v_proj", q_size + kv_size, rows),
+        ]
     if base.endswith("mlp.gate_up_proj"):
         stem = base.removesuffix("gate_up_proj")
         return [(stem + "gate_proj", 0, rows // 2), (stem + "up_proj", rows // 2, rows)]
     return [(base, 0, rows)]
 
 
-def _quantized_layout(name: str, shape: tuple[int, ...], config: dict[str, Any], *, bits: int, block_size: int,
-                      zeros: bool) -> list[tuple[str, str, tuple[int, ...]]]:
+def _quantized_layout(
+    name: str, shape: tuple[int, ...], config: dict[str, Any], *, bits: int, block_size: int, zeros: bool
+) -> list[tuple[str, str, tuple[int, ...]]]:
     out_features, in_features = shape
     k_blocks = in_features // block_size
     layout = []
     for base, first, end in _row_split(name, out_features, config):
         rows = end - first
-        layout += [(f"{base}.qweight", "U8", (rows, in_features * bits // 8)),
-                   (f"{base}.scales", "F32", (rows, k_blocks))]
+        layout += [
+            (f"{base}.qweight", "U8", (rows, in_features * bits // 8)),
+            (f"{base}.scales", "F32", (rows, k_blocks)),
+        ]
         if _needs_zeros(base, zeros):
             layout.append((f"{base}.qzeros", "U8", (rows, (k_blocks * bits + 7) // 8)))
     return layout
 
 
-def write_prequantized(source: Path, output: Path, *, bits: int, block_size: int, symmetric: bool, algo: str,
-                       workers: int = 0, log=print) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Settings:
+    bits: int
+    block_size: int
+    symmetric: bool
+    algo: str
+    zeros: bool
+    config: dict[str, Any]
+
+
+def _quantize_entry(path: Path, entry: Any, settings: _Settings) -> Any:
+    return quantize(
+        read_float32(path, entry),
+        bits=settings.bits,
+        block_size=settings.block_size,
+        symmetric=settings.symmetric,
+        algo=settings.algo,
+    )
+
+
+def _drain(writer: StreamingWriter, pending: list[tuple[Any, Future | bytes]], limit: int, settings: _Settings) -> None:
+    """Write finished tensors in file order until at most ``limit`` are still pending."""
+    while len(pending) > limit:
+        entry, job = pending.pop(0)
+        if isinstance(job, bytes):
+            writer.write(entry.name, job)
+            continue
+        qweight, scales, qzeros = job.result()
+        for base, first, end in _row_split(entry.name, qweight.shape[0], settings.config):
+            writer.write(f"{base}.qweight", qweight[first:end])
+            writer.write(f"{base}.scales", scales[first:end])
+            if _needs_zeros(base, settings.zeros):
+                zeros = (
+                    qzeros[first:end]
+                    if qzeros is not None
+                    else implied_zeros(end - first, scales.shape[1], settings.bits)
+                )
+                writer.write(f"{base}.qzeros", zeros)
+
+
+def _write_shard(pool: ThreadPoolExecutor, path: Path, output: Path, settings: _Settings, workers: int) -> int:
+    """One safetensors file of the checkpoint, quantized tensor by tensor in ``workers`` threads."""
+    entries, _ = read_header(path)
+    layout: list[tuple[str, str, tuple[int, ...]]] = []
+    for entry in entries:
+        if LINEAR.match(entry.name):
+            layout += _quantized_layout(
+                entry.name,
+                entry.shape,
+                settings.config,
+                bits=settings.bits,
+                block_size=settings.block_size,
+                zeros=settings.zeros,
+            )
+        else:
+            layout.append((entry.name, entry.dtype, entry.shape))
+    writer = StreamingWriter(output / path.name, layout, {"format": "pt"})
+    pending: list[tuple[Any, Future | bytes]] = []
+    quantized = 0
+    for entry in entries:
+        if LINEAR.match(entry.name):
+            pending.append((entry, pool.submit(_quantize_entry, path, entry, settings)))
+            quantized += 1
+        else:
+            pending.append((entry, read_raw(path, entry)))
+        _drain(writer, pending, workers, settings)
+    _drain(writer, pending, 0, settings)
+    writer.close()
+    return quantized
+
+
+def write_prequantized(
+    source: Path, output: Path, *, bits: int, block_size: int, symmetric: bool, algo: str, workers: int = 0, log=print
+) -> dict[str, Any]:
     """Write the olive-format checkpoint of ``source`` into ``output`` (an empty or new folder)."""
     output.mkdir(parents=True, exist_ok=True)
     config = json.loads((source / "config.json").read_text())
-    zeros = not symmetric or algo == "k_quant"  # as rtn_quantize: symmetric RTN writes no zero points
+    # as rtn_quantize: symmetric RTN writes no zero points
+    settings = _Settings(
+        bits=bits,
+        block_size=block_size,
+        symmetric=symmetric,
+        algo=algo,
+        zeros=not symmetric or algo == "k_quant",
+        config=config,
+    )
     workers = workers or min(4, os.cpu_count() or 1)
     started = time.perf_counter()
     quantized = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for path in checkpoint_files(source):
-            entries, metadata = read_header(path)
-            layout: list[tuple[str, str, tuple[int, ...]]] = []
-            for entry in entries:
-                if LINEAR.match(entry.name):
-                    layout += _quantized_layout(entry.name, entry.shape, config, bits=bits, block_size=block_size,
-                                                zeros=zeros)
-                else:
-                    layout.append((entry.name, entry.dtype, entry.shape))
-            writer = StreamingWriter(output / path.name, layout, {"format": "pt"})
-            pending: list[tuple[Any, Future | bytes]] = []
-
-            def drain(limit: int) -> None:
-                while len(pending) > limit:
-                    entry, job = pending.pop(0)
-                    if isinstance(job, bytes):
-                        writer.write(entry.name, job)
-                        continue
-                    qweight, scales, qzeros = job.result()
-                    for base, first, end in _row_split(entry.name, qweight.shape[0], config):
-                        writer.write(f"{base}.qweight", qweight[first:end])
-                        writer.write(f"{base}.scales", scales[first:end])
-                        if _needs_zeros(base, zeros):
-                            writer.write(f"{base}.qzeros", qzeros[first:end] if qzeros is not None else
-                                         implied_zeros(end - first, scales.shape[1], bits))
-
-            for entry in entries:
-                if LINEAR.match(entry.name):
-                    job = pool.submit(lambda p=path, e=entry: quantize(read_float32(p, e), bits=bits,
-                                                                        block_size=block_size,
-                                                                        symmetric=symmetric, algo=algo))
-                    pending.append((entry, job))
-                    quantized += 1
-                else:
-                    pending.append((entry, read_raw(path, entry)))
-                drain(workers)
-            drain(0)
-            writer.close()
+            quantized += _write_shard(pool, path, output, settings, workers)
             log(f"prequantized {path.name}")
     link_companions(source, output, weights=False)
     config = builder_config(config) or config
-    config["quantization_config"] = {"quant_method": "olive", "bits": bits, "group_size": block_size,
-                                     "sym": symmetric, "desc_act": False}
+    config["quantization_config"] = {
+        "quant_method": "olive",
+        "bits": bits,
+        "group_size": block_size,
+        "sym": symmetric,
+        "desc_act": False,
+    }
     (output / "config.json").write_text(json.dumps(config, indent=2))
     return {"tensors_quantized": quantized, "seconds": round(time.perf_counter() - started, 2), "workers": workers}
 
@@ -240,9 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algo", choices=ALGOS, default="rtn")
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args(argv)
-    summary = write_prequantized(args.source, args.output, bits=args.bits, block_size=args.block_size,
-                                 symmetric=not args.asymmetric, algo=args.algo, workers=args.workers,
-                                 log=lambda line: print(line, file=sys.stderr))
+    summary = write_prequantized(
+        args.source,
+        args.output,
+        bits=args.bits,
+        block_size=args.block_size,
+        symmetric=not args.asymmetric,
+        algo=args.algo,
+        workers=args.workers,
+        log=lambda line: print(line, file=sys.stderr),
+    )
     print(json.dumps(summary))
     return 0
 

@@ -19,26 +19,23 @@ data-aware mixed precision) calibrate on hubquant's built-in calibration text un
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from hubquant.child import ChildResult, python_module, run_child
 from hubquant.errors import ExportError, MissingDependencyError, RecipeError
-from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Progress, Runner, register_exporter
+from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Progress, Runner
 
 if TYPE_CHECKING:
     import numpy as np
 
     from hubquant.artifact import Artifact
+    from hubquant.repos import RepoPlan
     from hubquant.source import SourceModel
 
 log = logging.getLogger(__name__)
@@ -49,8 +46,6 @@ INT4_OPTIONS = ("group_size", "sym", "ratio", "all_layers", "awq", "scale_estima
 COMPRESSION_OPTIONS = INT4_OPTIONS + ("dataset", "num_samples", "calibration_context")
 #: Calibration datasets optimum-intel knows for LLMs (downloaded through ``datasets``).
 NAMED_DATASETS = ("wikitext2", "c4", "c4-new", "gsm8k", "auto")
-#: Prefix of the worker's progress lines on stdout.
-PROGRESS_PREFIX = "hubquant-progress: "
 #: Inference precision every OpenVINO evaluation runs at, so figures compare across machines
 #: (CPUs with AMX/AVX512-FP16 would otherwise default to bf16/f16 compute).
 INFERENCE_PRECISION = "f32"
@@ -58,35 +53,60 @@ INFERENCE_PRECISION = "f32"
 
 class OpenVINOOptions(ExporterOptions):
     group_size: Literal[-1, 16, 32, 64, 128, 256] | None = Field(
-        None, description="int4: weights per quantization group (-1 = per channel; default: optimum-intel's, 128)")
+        None, description="int4: weights per quantization group (-1 = per channel; default: optimum-intel's, 128)"
+    )
     sym: bool | None = Field(None, description="int4/int8: symmetric quantization (default: asymmetric)")
-    ratio: float | None = Field(None, gt=0, le=1, description="int4: share of layers in int4, the rest in the backup precision")
+    ratio: float | None = Field(
+        None, gt=0, le=1, description="int4: share of layers in int4, the rest in the backup precision"
+    )
     all_layers: bool | None = Field(None, description="int4: also compress embeddings and the LM head to int4")
     awq: bool = Field(False, description="int4: activation-aware weight quantization (calibrated)")
     scale_estimation: bool = Field(False, description="int4: scale estimation (calibrated)")
     gptq: bool = Field(False, description="int4: GPTQ (calibrated; slow)")
     backup_precision: Literal["int8_asym", "int8_sym", "none"] | None = Field(
-        None, description="int4: precision of the layers ratio leaves out")
+        None, description="int4: precision of the layers ratio leaves out"
+    )
     dataset: str | None = Field(
-        None, description="calibration: a text file, or an optimum-intel dataset name (wikitext2, c4, auto); "
-                          "default: hubquant's built-in calibration text")
+        None,
+        description="calibration: a text file, or an optimum-intel dataset name (wikitext2, c4, auto); "
+        "default: hubquant's built-in calibration text",
+    )
     num_samples: int | None = Field(None, ge=1, le=4096, description="calibration: number of samples")
     calibration_context: int = Field(128, ge=16, le=8192, description="calibration: tokens per sample from a text file")
     defaults: Literal["model", "none"] = Field(
-        "model", description="int4 with no compression option: 'model' uses optimum-intel's per-model table")
+        "model", description="int4 with no compression option: 'model' uses optimum-intel's per-model table"
+    )
 
 
-@register_exporter
 class OpenVINOExporter(Exporter):
     name = "openvino"
     description = "OpenVINO IR (optimum-intel + NNCF; OVModelForCausalLM, openvino-genai)"
     extra = "openvino"
+    required_modules = ("optimum.intel", "nncf", "openvino", "openvino_tokenizers", "openvino_genai")
     scratch_share = 1.0  # the full-precision IR
-    precisions = {"int4": "4-bit NNCF weight compression", "int8": "8-bit NNCF weight compression (per channel)",
-                  "fp16": "16-bit float weights", "fp32": "32-bit float"}
+    precisions = {
+        "int4": "4-bit NNCF weight compression",
+        "int8": "8-bit NNCF weight compression (per channel)",
+        "fp16": "16-bit float weights",
+        "fp32": "32-bit float",
+    }
     generic_precisions = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
+    full_precisions = ("fp32", "fp16")
     Options = OpenVINOOptions
-    tool_distributions = ("optimum-intel", "optimum", "nncf", "openvino", "openvino-tokenizers", "transformers", "torch")
+    tool_distributions = (
+        "optimum-intel",
+        "optimum",
+        "nncf",
+        "openvino",
+        "openvino-tokenizers",
+        "transformers",
+        "torch",
+    )
+    library_name = "openvino"
+    display_name = "OpenVINO IR"
+    repo_template = "{model}-{variant}-ov"
+    repo_layout = "repo-per-variant"
+    plot_marker = "^"
 
     @classmethod
     def check_combination(cls, precision: str, options: ExporterOptions) -> None:
@@ -95,30 +115,50 @@ class OpenVINOExporter(Exporter):
         changed = [key for key in COMPRESSION_OPTIONS if getattr(options, key) != getattr(defaults, key)]
         if precision in ("fp16", "fp32") and (changed or options.defaults != "model"):
             key = changed[0] if changed else "defaults"
-            raise RecipeError(f"OpenVINO option {key} only applies to int4/int8", key=f"options.{key}",
-                              hint=f"drop {key} for {precision}")
+            raise RecipeError(
+                f"OpenVINO option {key} only applies to int4/int8",
+                key=f"options.{key}",
+                hint=f"drop {key} for {precision}",
+            )
         if precision == "int8":
             int4_only = [key for key in changed if key in INT4_OPTIONS and key != "sym"]
             if int4_only:
-                raise RecipeError(f"OpenVINO option {int4_only[0]} only applies to int4 (int8 is per channel, "
-                                  "every layer)", key=f"options.{int4_only[0]}", hint=f"drop {int4_only[0]} for int8")
+                raise RecipeError(
+                    f"OpenVINO option {int4_only[0]} only applies to int4 (int8 is per channel, every layer)",
+                    key=f"options.{int4_only[0]}",
+                    hint=f"drop {int4_only[0]} for int8",
+                )
         data_aware = options.awq or options.scale_estimation or options.gptq
         if (options.dataset or options.num_samples) and precision == "int8":
-            raise RecipeError("OpenVINO int8 weight compression takes no calibration data", key="options.dataset",
-                              hint="drop dataset/num_samples for int8")
-        if options.dataset and options.dataset not in NAMED_DATASETS + ("builtin",) \
-                and not Path(options.dataset).expanduser().is_file():
-            raise RecipeError(f"calibration dataset '{options.dataset}' is neither a text file nor a dataset "
-                              "optimum-intel knows", key="options.dataset",
-                              allowed=["builtin", "a path to a text file", *NAMED_DATASETS])
+            raise RecipeError(
+                "OpenVINO int8 weight compression takes no calibration data",
+                key="options.dataset",
+                hint="drop dataset/num_samples for int8",
+            )
+        if (
+            options.dataset
+            and options.dataset not in NAMED_DATASETS + ("builtin",)
+            and not Path(options.dataset).expanduser().is_file()
+        ):
+            raise RecipeError(
+                f"calibration dataset '{options.dataset}' is neither a text file nor a dataset optimum-intel knows",
+                key="options.dataset",
+                allowed=["builtin", "a path to a text file", *NAMED_DATASETS],
+            )
         if options.gptq and options.awq:
             raise RecipeError("NNCF cannot combine GPTQ with AWQ", key="options.gptq", hint="pick one of awq, gptq")
         if data_aware and options.group_size == -1:
-            raise RecipeError("AWQ, scale estimation and GPTQ need a group size", key="options.group_size",
-                              hint="set group_size to 32, 64 or 128")
+            raise RecipeError(
+                "AWQ, scale estimation and GPTQ need a group size",
+                key="options.group_size",
+                hint="set group_size to 32, 64 or 128",
+            )
         if options.backup_precision is not None and (options.ratio is None or options.ratio == 1):
-            raise RecipeError("backup_precision only matters with ratio below 1", key="options.backup_precision",
-                              hint="set ratio (e.g. 0.8) or drop backup_precision")
+            raise RecipeError(
+                "backup_precision only matters with ratio below 1",
+                key="options.backup_precision",
+                hint="set ratio (e.g. 0.8) or drop backup_precision",
+            )
 
     def folder_name(self, source: "SourceModel", precision: str, options: dict[str, Any]) -> str:
         """``openvino-int4-sym-g64-r0.8-awq-se``: the precision and every option that was set."""
@@ -131,7 +171,9 @@ class OpenVINOExporter(Exporter):
             parts.append(f"r{options['ratio']:g}")
         if options.get("all_layers"):
             parts.append("all-layers")
-        parts += [flag for key, flag in (("awq", "awq"), ("scale_estimation", "se"), ("gptq", "gptq")) if options.get(key)]
+        parts += [
+            flag for key, flag in (("awq", "awq"), ("scale_estimation", "se"), ("gptq", "gptq")) if options.get(key)
+        ]
         if options.get("backup_precision"):
             parts.append(f"backup-{options['backup_precision'].replace('_', '-')}")
         if options.get("dataset"):
@@ -145,69 +187,96 @@ class OpenVINOExporter(Exporter):
         return "-".join(parts)
 
     @classmethod
-    def check_installed(cls) -> None:
-        modules = ("optimum.intel", "nncf", "openvino", "openvino_tokenizers", "openvino_genai")
-        try:
-            missing = [m for m in modules if importlib.util.find_spec(m) is None]
-        except (ImportError, ValueError) as exc:
-            missing = [str(exc)]
-        if missing:
-            raise MissingDependencyError(f"the OpenVINO exporter needs {', '.join(missing)}", extra=cls.extra)
+    def floor_precision(cls, source: "SourceModel") -> str:
+        return "fp16"  # half the disk of fp32; evaluated at f32 inference precision like every variant
 
-    def export(self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path,
-               progress: Progress) -> dict[str, BaseException | None]:
+    @classmethod
+    def snippets(cls, plan: "RepoPlan") -> str:
+        return SNIPPETS.format(repo=plan.repo_id)
+
+    def export(
+        self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path, progress: Progress
+    ) -> dict[str, BaseException | None]:
+        """Every variant in one child process, so the full-precision IR is exported once for all."""
         self.check_installed()
         plan = {
             "source": str(source.path),
             "source_id": source.source_id,
             "work_dir": str(work_dir),
-            "jobs": [{"name": job.folder.name, "folder": str(job.folder), "precision": job.precision,
-                      "options": job.options} for job in jobs],
+            "jobs": [
+                {"name": job.name, "folder": str(job.folder), "precision": job.precision, "options": job.options}
+                for job in jobs
+            ],
         }
         plan_path, result_path = work_dir / "openvino-plan.json", work_dir / "openvino-result.json"
         plan_path.write_text(json.dumps(plan, indent=2))
-        command = [sys.executable, "-m", "hubquant.exporters.openvino_worker", str(plan_path), str(result_path)]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")])))
-        tail: list[str] = []
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              bufsize=1) as child:
-            assert child.stdout is not None
-            for line in child.stdout:
-                line = line.rstrip("\n")
-                if line.startswith(PROGRESS_PREFIX):
-                    progress(line[len(PROGRESS_PREFIX):])
-                elif line.strip():
-                    log.debug("openvino worker: %s", line)
-                    tail = (tail + [line])[-40:]
+        child = run_child(
+            python_module("hubquant.exporters.openvino_worker", str(plan_path), str(result_path)),
+            name="openvino worker",
+            progress=progress,
+        )
         outcome = json.loads(result_path.read_text()) if result_path.is_file() else {}
         results: dict[str, BaseException | None] = {}
         for job in jobs:
-            entry = outcome.get(job.folder.name)
+            entry = outcome.get(job.name)
             if entry is None:
-                results[job.folder.name] = self._crash_error(job, child.returncode, tail)
+                results[job.name] = self._crash_error(job, child)
                 continue
             job.seconds = entry.get("seconds", 0.0)
             job.shared_seconds = entry.get("shared_seconds", 0.0)
             job.warnings.extend(entry.get("warnings", []))
             job.settings = entry.get("settings")
             error = entry.get("error")
-            results[job.folder.name] = None if error is None else ExportError(
-                error["message"], format="openvino", precision=job.precision, hint=error.get("hint"))
+            results[job.name] = (
+                None
+                if error is None
+                else ExportError(error["message"], format="openvino", precision=job.precision, hint=error.get("hint"))
+            )
         return results
 
     @staticmethod
-    def _crash_error(job: ExportJob, returncode: int | None, tail: list[str]) -> ExportError:
-        if returncode in (-9, 137):
-            return ExportError("the OpenVINO export was killed (out of memory?)", format="openvino",
-                               precision=job.precision,
-                               hint="free memory, or export fewer variants at once; HUBQUANT_DEBUG=1 shows the log")
-        reason = next((line for line in reversed(tail) if "Error" in line), tail[-1] if tail else f"exit code {returncode}")
-        return ExportError(f"the OpenVINO export stopped: {reason.strip()}", format="openvino", precision=job.precision,
-                           hint="run with HUBQUANT_DEBUG=1 to see the exporter's full output")
+    def _crash_error(job: ExportJob, child: ChildResult) -> ExportError:
+        if child.killed:
+            return ExportError(
+                "the OpenVINO export was killed (out of memory?)",
+                format="openvino",
+                precision=job.precision,
+                hint="free memory, or export fewer variants at once; HUBQUANT_DEBUG=1 shows the log",
+            )
+        return ExportError(
+            f"the OpenVINO export stopped: {child.reason()}",
+            format="openvino",
+            precision=job.precision,
+            hint="run with HUBQUANT_DEBUG=1 to see the exporter's full output",
+        )
 
     def runner(self, artifact: "Artifact", *, context_length: int) -> Runner:
         self.check_installed()
         return OpenVINORunner(artifact.path)
+
+
+SNIPPETS = """optimum-intel:
+
+```python
+from optimum.intel import OVModelForCausalLM
+from transformers import AutoTokenizer
+model = OVModelForCausalLM.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+inputs = tokenizer("Hello", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))
+```
+
+openvino-genai:
+
+```bash
+hf download {repo} --local-dir model
+```
+
+```python
+import openvino_genai
+pipe = openvino_genai.LLMPipeline("model", "CPU")
+print(pipe.generate("Hello", max_new_tokens=64))
+```"""
 
 
 def _slug(value: str) -> str:
@@ -216,10 +285,6 @@ def _slug(value: str) -> str:
     name = Path(value).stem if ("/" in value or "." in value) else value
     clean = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:24]
     return f"{clean}-{hashlib.sha256(value.encode()).hexdigest()[:6]}" if ("/" in value or "." in value) else clean
-
-
-def _package_root() -> str:
-    return str(Path(__file__).resolve().parents[2])
 
 
 def import_optimum_intel() -> Any:
@@ -238,15 +303,18 @@ def import_optimum_intel() -> Any:
 
         raise MissingDependencyError(
             f"torchvision {importlib.metadata.version('torchvision')} cannot load beside torch "
-            f"{importlib.metadata.version('torch')} ({exc})", extra="openvino",
-            hint="LLM export never uses torchvision: pip uninstall -y torchvision") from None
+            f"{importlib.metadata.version('torch')} ({exc})",
+            extra="openvino",
+            hint="LLM export never uses torchvision: pip uninstall -y torchvision",
+        ) from None
     import optimum.intel
 
     return optimum.intel
 
 
 class OpenVINORunner(Runner):
-    """Logits from ``OVModelForCausalLM`` at fp32 inference precision; timing from openvino-genai."""
+    """``OVModelForCausalLM`` at fp32 inference precision: logits, prefill and decode steps on the
+    OpenVINO CPU plugin (the stateful model keeps its KV cache between steps)."""
 
     def __init__(self, path: Path) -> None:
         import_optimum_intel()
@@ -255,42 +323,32 @@ class OpenVINORunner(Runner):
         self.path = path
         config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION, "PERFORMANCE_HINT": "LATENCY"}
         self.model = OVModelForCausalLM.from_pretrained(str(path), ov_config=config, use_cache=True)
-        self._pipeline: Any = None
+        self._past: Any = None
 
-    def logits(self, ids: Sequence[int]) -> "np.ndarray":
-        import numpy as np
+    def _forward(self, ids: Sequence[int], past: Any) -> Any:
         import torch
 
         input_ids = torch.tensor([list(ids)], dtype=torch.long)
         with torch.no_grad():
-            out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+            if past is None:  # a new sequence: the model resets its state
+                return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+            return self.model(input_ids=input_ids, past_key_values=past)
+
+    def logits(self, ids: Sequence[int]) -> "np.ndarray":
+        import numpy as np
+
+        out = self._forward(ids, None).logits
         return np.asarray(out[0].float().numpy(), dtype=np.float32)
 
-    def timed_generation(self, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
-        """Prefill and decode time as openvino-genai reports them (time to first token, per-token time)."""
-        import numpy as np
-        import openvino as ov
-        import openvino_genai
+    def prefill(self, ids: Sequence[int], *, room: int) -> int:
+        return self._next(self._forward(ids, None))
 
-        if self._pipeline is None:
-            self._pipeline = openvino_genai.LLMPipeline(str(self.path), "CPU",
-                                                        INFERENCE_PRECISION_HINT=INFERENCE_PRECISION)
-        config = openvino_genai.GenerationConfig()
-        # The first token comes with the prefill (time to first token); then new_tokens decode steps.
-        config.max_new_tokens = config.min_new_tokens = new_tokens + 1
-        config.do_sample = False
-        ids = np.array([list(prompt)], dtype=np.int64)
-        inputs = openvino_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
-        started = time.perf_counter()
-        result = self._pipeline.generate(inputs, config)
-        wall = time.perf_counter() - started
-        metrics = result.perf_metrics
-        prefill = metrics.get_ttft().mean / 1000.0
-        decode = metrics.get_tpot().mean / 1000.0 * new_tokens
-        if not (prefill > 0 and decode > 0):  # metrics missing: fall back to wall time split evenly
-            prefill = decode = wall / 2
-        return prefill, decode
+    def step(self, token: int) -> int:
+        return self._next(self._forward([token], self._past))
+
+    def _next(self, out: Any) -> int:
+        self._past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
 
     def close(self) -> None:
         del self.model
-        self._pipeline = None

@@ -16,22 +16,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from hubquant.exporters.openvino import INT4_OPTIONS, PROGRESS_PREFIX, import_optimum_intel
+from hubquant.child import say
+from hubquant.errors import ExportError, HubquantError
+from hubquant.exporters.openvino import INT4_OPTIONS, import_optimum_intel
 
 TASK = "text-generation-with-past"
 #: Files of the exported IR that a compressed variant replaces with its own.
 MODEL_FILES = {"openvino_model.xml", "openvino_model.bin", "openvino_config.json", "config.json"}
 TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
-
-
-class VariantFailure(Exception):
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
-def say(line: str) -> None:
-    print(PROGRESS_PREFIX + line, flush=True)
 
 
 def export_ir(source: str, folder: Path, ov_config: Any) -> None:
@@ -41,15 +33,18 @@ def export_ir(source: str, folder: Path, ov_config: Any) -> None:
     main_export(source, folder, task=TASK, ov_config=ov_config, convert_tokenizer=True)
     missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
     if missing:
-        raise VariantFailure(f"openvino-tokenizers could not convert this tokenizer (no {', '.join(missing)})",
-                             hint="openvino-genai needs them; run with HUBQUANT_DEBUG=1 to see why the conversion failed")
+        raise ExportError(
+            f"openvino-tokenizers could not convert this tokenizer (no {', '.join(missing)})",
+            format="openvino",
+            hint="openvino-genai needs them; run with HUBQUANT_DEBUG=1 to see why the conversion failed",
+        )
 
 
 def calibration_samples(source: str, options: dict[str, Any]) -> list[str] | str:
     """The dataset NNCF calibrates on: samples cut from a text, or an optimum-intel dataset name."""
     from transformers import AutoTokenizer
 
-    from hubquant.evaluate import BUILTIN_CALIBRATION_TEXT, read_text
+    from hubquant.text import BUILTIN_CALIBRATION_TEXT, read_text
 
     dataset = options.get("dataset")
     if dataset and not Path(dataset).is_file() and dataset != "builtin":
@@ -58,7 +53,7 @@ def calibration_samples(source: str, options: dict[str, Any]) -> list[str] | str
     tokenizer = AutoTokenizer.from_pretrained(source)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     size = options["calibration_context"]
-    windows = [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)] or [ids]
+    windows = [ids[i : i + size] for i in range(0, len(ids) - size + 1, size)] or [ids]
     if options.get("num_samples"):
         windows = windows[: options["num_samples"]]
     return [tokenizer.decode(window) for window in windows]
@@ -73,21 +68,25 @@ def int4_config(source_id: str, options: dict[str, Any], warnings: list[str]) ->
         model_default = get_default_quantization_config(source_id, weight_format="int4")
         config = dict(model_default or _DEFAULT_4BIT_WQ_CONFIG)
         if model_default:
-            warnings.append(f"optimum-intel's recommended int4 settings for {Path(source_id).name} applied: "
-                            + ", ".join(f"{k}={v}" for k, v in sorted(config.items(), key=lambda kv: kv[0])
-                                        if k != "dataset"))
+            warnings.append(
+                f"optimum-intel's recommended int4 settings for {Path(source_id).name} applied: "
+                + ", ".join(f"{k}={v}" for k, v in sorted(config.items(), key=lambda kv: kv[0]) if k != "dataset")
+            )
         if "dataset" in config:
             named = config.pop("dataset")
             if not options.get("dataset"):
-                warnings.append(f"optimum-intel's settings calibrate on {named}; calibrated on hubquant's built-in "
-                                f"text instead (set dataset={named} to follow them exactly)")
+                warnings.append(
+                    f"optimum-intel's settings calibrate on {named}; calibrated on hubquant's built-in "
+                    f"text instead (set dataset={named} to follow them exactly)"
+                )
             config["dataset"] = options.get("dataset") or "builtin"
         elif options.get("dataset"):
             config["dataset"] = options["dataset"]
         return config
     config: dict[str, Any] = {"bits": 4, "sym": bool(options.get("sym")), "ratio": options.get("ratio") or 1.0}
-    config["group_size"] = options["group_size"] if options.get("group_size") is not None \
-        else _DEFAULT_4BIT_WQ_CONFIG["group_size"]
+    config["group_size"] = (
+        options["group_size"] if options.get("group_size") is not None else _DEFAULT_4BIT_WQ_CONFIG["group_size"]
+    )
     if options.get("all_layers") is not None:
         config["all_layers"] = options["all_layers"]
     if options.get("awq"):
@@ -103,8 +102,9 @@ def int4_config(source_id: str, options: dict[str, Any], warnings: list[str]) ->
     return config
 
 
-def quantization_config(source: str, source_id: str, precision: str, options: dict[str, Any],
-                        warnings: list[str]) -> tuple[Any, dict[str, Any]]:
+def quantization_config(
+    source: str, source_id: str, precision: str, options: dict[str, Any], warnings: list[str]
+) -> tuple[Any, dict[str, Any]]:
     """NNCF's config for one variant, and the settings as recorded in the manifest."""
     from optimum.intel import OVWeightQuantizationConfig
 
@@ -122,8 +122,13 @@ def quantization_config(source: str, source_id: str, precision: str, options: di
         elif isinstance(settings["dataset"], list):
             settings["num_samples"] = len(settings["dataset"])
         settings["tokenizer"] = source
-        record["dataset"] = ("hubquant built-in calibration text" if named == "builtin"
-                             else Path(named).name if Path(named).is_file() else named)
+        record["dataset"] = (
+            "hubquant built-in calibration text"
+            if named == "builtin"
+            else Path(named).name
+            if Path(named).is_file()
+            else named
+        )
         record["num_samples"] = settings.get("num_samples")
         if isinstance(settings["dataset"], list):
             record["sample_tokens"] = options["calibration_context"]
@@ -151,8 +156,8 @@ def compress(ir: Path, folder: Path, config: Any, source_id: str) -> None:
 
 
 def failure(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, VariantFailure):
-        return {"message": str(exc), "hint": exc.hint}
+    if isinstance(exc, HubquantError):
+        return {"message": exc.message, "hint": exc.hint}
     if isinstance(exc, MemoryError):
         return {"message": "the OpenVINO export ran out of memory", "hint": "free memory or export fewer variants"}
     name = type(exc).__name__
@@ -163,18 +168,11 @@ def failure(exc: BaseException) -> dict[str, Any]:
     return {"message": message, "hint": "check the options (see 'hubquant formats'); HUBQUANT_DEBUG=1 shows the log"}
 
 
-def run(plan: dict[str, Any]) -> dict[str, Any]:
-    import_optimum_intel()
+def _export_full_precision(source: str, jobs: list[dict[str, Any]], results: dict[str, Any]) -> None:
+    """fp16/fp32 variants: optimum-intel's export straight into each variant's folder."""
     from optimum.intel import OVConfig
 
-    source, source_id = plan["source"], plan["source_id"]
-    work_dir = Path(plan["work_dir"])
-    results: dict[str, Any] = {}
-    compressed = [job for job in plan["jobs"] if job["precision"] in ("int4", "int8")]
-
-    for job in plan["jobs"]:
-        if job["precision"] not in ("fp16", "fp32"):
-            continue
+    for job in jobs:
         say(f"openvino {job['precision']}: exporting with optimum-intel")
         started = time.perf_counter()
         try:
@@ -184,47 +182,62 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
             traceback.print_exc()
             results[job["name"]] = {"error": failure(exc), "seconds": time.perf_counter() - started}
 
-    if not compressed:
-        return results
+
+def _compress_all(plan: dict[str, Any], jobs: list[dict[str, Any]], results: dict[str, Any]) -> None:
+    """int4/int8 variants: the full-precision IR exported once, then NNCF compression per variant."""
+    from optimum.intel import OVConfig
+
+    source, source_id = plan["source"], plan["source_id"]
     configs: dict[str, Any] = {}
     records: dict[str, dict[str, Any]] = {}
-    warnings: dict[str, list[str]] = {job["name"]: [] for job in compressed}
-    for job in compressed:
+    warnings: dict[str, list[str]] = {job["name"]: [] for job in jobs}
+    for job in jobs:
         try:
             configs[job["name"]], records[job["name"]] = quantization_config(
-                source, source_id, job["precision"], job["options"], warnings[job["name"]])
-        except Exception as exc:  # noqa: BLE001
+                source, source_id, job["precision"], job["options"], warnings[job["name"]]
+            )
+        except Exception as exc:  # noqa: BLE001 - reported per variant
             traceback.print_exc()
             results[job["name"]] = {"error": failure(exc)}
-    pending = [job for job in compressed if job["name"] in configs]
+    pending = [job for job in jobs if job["name"] in configs]
     if not pending:
-        return results
-
-    ir = work_dir / "openvino-ir"
+        return
+    ir = Path(plan["work_dir"]) / "openvino-ir"
     say("openvino: exporting the full-precision IR (once for every int4/int8 variant)")
     started = time.perf_counter()
     try:
         # The same call optimum-cli makes before compressing: a config with quantization settings
         # keeps the export itself uncompressed (no automatic int8 for models over 1B weights).
         export_ir(source, ir, OVConfig(quantization_config=configs[pending[0]["name"]]))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - every variant needs the IR
         traceback.print_exc()
-        for job in pending:
-            results[job["name"]] = {"error": failure(exc)}
-        return results
+        results.update({job["name"]: {"error": failure(exc)} for job in pending})
+        return
     shared = time.perf_counter() - started
-
     for job in pending:
         say(f"openvino {job['precision']}: compressing with NNCF")
         started = time.perf_counter()
         try:
             compress(ir, Path(job["folder"]), configs[job["name"]], source_id)
-            results[job["name"]] = {"seconds": time.perf_counter() - started, "shared_seconds": shared,
-                                    "warnings": warnings[job["name"]], "settings": records[job["name"]]}
-        except Exception as exc:  # noqa: BLE001
+            results[job["name"]] = {
+                "seconds": time.perf_counter() - started,
+                "shared_seconds": shared,
+                "warnings": warnings[job["name"]],
+                "settings": records[job["name"]],
+            }
+        except Exception as exc:  # noqa: BLE001 - reported per variant
             traceback.print_exc()
             results[job["name"]] = {"error": failure(exc), "seconds": time.perf_counter() - started}
     shutil.rmtree(ir, ignore_errors=True)  # the temporary IR goes as soon as no variant needs it
+
+
+def run(plan: dict[str, Any]) -> dict[str, Any]:
+    import_optimum_intel()
+    results: dict[str, Any] = {}
+    _export_full_precision(plan["source"], [j for j in plan["jobs"] if j["precision"] in ("fp16", "fp32")], results)
+    compressed = [job for job in plan["jobs"] if job["precision"] in ("int4", "int8")]
+    if compressed:
+        _compress_all(plan, compressed, results)
     return results
 
 

@@ -1,0 +1,1 @@
+"""The ``hubquant`` commands, one module per stage (see :mod:`hubquant.cli`)."""
