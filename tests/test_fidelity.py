@@ -110,8 +110,9 @@ def test_long_rope_mlx_is_a_finding_the_others_are_not(tiny_phi4mini: Path, tmp_
     mlx = saved["mlx-8bit-g64"]["metrics"]
     assert mlx["quant_kl_mean"] < mlx["kl_mean"] / 10, "the quantization alone is small; the runtime is not"
     # A recipe gate can hold such a runtime back; by default it is published with the finding.
-    code, table, err = run_cli("eval", str(out / "mlx-8bit-g64"), *FAST_EVAL[:-1], "--no-track", "--max-runtime-kl",
-                               "1e-3")
+    code, table, err = run_cli(
+        "eval", str(out / "mlx-8bit-g64"), *FAST_EVAL[:-1], "--no-track", "--max-runtime-kl", "1e-3"
+    )
     assert code == 2 and "unquantized KL" in table, err
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,9 +174,21 @@ def test_failed_variant_and_failed_parent(
     assert parent.info.status == "FAILED"
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A suite started as a background job of a
+    non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_killed_runs(untrained_phi3: Path, tmp_path: Path, mlflow_server) -> None:
     experiment = "hubquant-tests/killed"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "PYTHONUNBUFFERED": "1"}
+    marker = tmp_path / "gguf-converting.reached"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "HUBQUANT_FAULT": "pause:gguf-converting",
+        "HUBQUANT_FAULT_DIR": str(tmp_path),
+    }
     process = subprocess.Popen(
         [
             sys.executable,
@@ -195,15 +208,17 @@ def test_ctrl_c_leaves_killed_runs(untrained_phi3: Path, tmp_path: Path, mlflow_
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_default_sigint,
     )
-    lines = []
-    for line in process.stderr:  # bounded: the process ends by itself if the signal is never sent
-        lines.append(line)
-        if "converting" in line:
-            process.send_signal(signal.SIGINT)
+    # The child pauses at the named stage (bounded: it goes on by itself after 60 s); poll for it.
+    for _ in range(1200):
+        if marker.is_file() or process.poll() is not None:
             break
+        time.sleep(0.1)
+    assert marker.is_file(), "the conversion stage was never reached: " + process.communicate(timeout=120)[1]
+    process.send_signal(signal.SIGINT)
     rest = process.communicate(timeout=120)[1]
-    assert process.returncode == 130, "".join(lines) + rest
+    assert process.returncode == 130, rest
     assert "interrupted" in rest and "Traceback" not in rest
     runs = _runs(mlflow_server.url, experiment)
     assert {r.info.status for r in runs.values()} == {"KILLED"}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubquant.errors import ExportError
+from hubquant.faults import checkpoint
 
 if TYPE_CHECKING:
     import numpy as np
@@ -83,6 +84,7 @@ def convert(source: "SourceModel", output: Path, precision: str, *, pre_tokenize
     import gguf
     from conversion import ModelType, get_model_architecture, get_model_class
 
+    checkpoint("gguf-converting")
     started = time.perf_counter()
     try:
         architecture = get_model_architecture(source.config, ModelType.TEXT)
@@ -239,6 +241,7 @@ def quantize(
     import llama_cpp
 
     route_llama_logs()
+    checkpoint("gguf-quantizing")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{precision}")
     params.nthread = threads or os.cpu_count() or 1
