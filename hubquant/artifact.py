@@ -9,13 +9,14 @@ the tool versions and the source revision; its ``cache_key`` lets a re-run reuse
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from hubquant.records import (
 )
 
 _TMP_MARK = ".hubquant-tmp-"
+#: The output folder's lock (see :func:`output_lock`).
+LOCK_FILE = ".hubquant-lock"
 
 
 def _os_error_to_output_error(exc: OSError, path: Path) -> OutputError:
@@ -61,7 +64,7 @@ def prepare_output_root(path: Path, *, what: str = "output") -> bool:
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f"{_TMP_MARK}probe-{uuid.uuid4().hex[:8]}"
+        probe = path / f"{temp_prefix('probe')}{uuid.uuid4().hex[:8]}"
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
@@ -78,7 +81,7 @@ def new_staging_folder(target: Path) -> Path:
     Raises:
         OutputError: the parent folder cannot be written.
     """
-    tmp = target.parent / f"{_TMP_MARK}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f"{temp_prefix(target.name)}{uuid.uuid4().hex[:8]}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -90,7 +93,7 @@ def new_staging_folder(target: Path) -> Path:
 def commit_staging_folder(tmp: Path, target: Path) -> None:
     """Rename a complete staging folder to ``target``, swapping out an older ``target`` only at the end."""
     if target.exists():
-        old = target.parent / f"{_TMP_MARK}old-{target.name}-{uuid.uuid4().hex[:8]}"
+        old = target.parent / f"{temp_prefix('old-' + target.name)}{uuid.uuid4().hex[:8]}"
         target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)
@@ -125,13 +128,145 @@ def atomic_folder(target: Path, *, replace: bool = False) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete temporary folders a killed run left behind in ``folder`` (never finished artifacts)."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_prefix(kind: str) -> str:
+    """The name start of a temporary folder this process owns (its pid inside, for stale-temp cleanup)."""
+    return f"{_TMP_MARK}{kind}-{os.getpid()}-"
+
+
+def _owner(name: str) -> int | None:
+    """The pid stamped in a temporary folder's name (``…-PID-RANDOM``), None when there is none."""
+    parts = name.rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')}"
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path, *, progress: Callable[[str], None] = lambda line: None) -> Iterator[None]:
+    """Hold ``folder`` for this run: a second run on it refuses at once, naming the holder.
+
+    The lock is an ``flock`` on ``folder/.hubquant-lock`` (released by the kernel when its holder
+    dies, however it dies), and the file names the holder (pid, host, start). A file left by a run
+    that died is taken over with a message. The file is removed when the run ends.
+
+    Raises:
+        OutputError: another live run holds the folder.
+    """
+    import fcntl
+    import socket
+
+    path = folder / LOCK_FILE
+    for _ in range(5):  # the holder may remove the file between our open and our lock: open it again
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise OutputError(
+                f"{folder} is in use by another hubquant run ({_describe(_holder(path))})",
+                path=folder,
+                hint="wait for it to finish, or pass another --output",
+            ) from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    else:
+        raise OutputError(f"could not lock {folder}", path=folder, hint="run the command again")
+    left = _holder(path)
+    if left:
+        progress(f"{folder}: taking over from a run that ended without releasing it ({_describe(left)})")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+    )
+    handle.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+
+
+#: errno values of a full disk or an exhausted quota.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: A write that fails with less than this left on its disk is taken for a full disk.
+NEARLY_FULL = 64 << 20
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the filesystem holding ``path`` (or its closest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def is_disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC/EDQUOT, or a short write with the disk (nearly) full
+    (numpy's ``tofile`` reports "N requested and M written" without an errno)."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+    return "requested and" in str(exc) and free_bytes(where) < NEARLY_FULL
+
+
+def disk_full_error(where: Path, *, need: int | None = None) -> OutputError:
+    """The one message for a full disk: where, how much is left, about how much more is needed."""
+    from hubquant.display import human_size
+
+    more = f"; needs about {human_size(need)} more" if need and need > 0 else ""
+    return OutputError(
+        f"disk full writing {where}: {human_size(free_bytes(where))} left{more}",
+        path=where,
+        hint="free space, or put the intermediates on another disk with --scratch DIR "
+        "(or --output on a larger one); nothing half-written was kept",
+    )
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary folders that runs which are no longer alive left in ``folder`` (never a live
+    run's, never finished artifacts); return what was removed."""
+    removed = []
     if not folder.is_dir():
-        return
+        return removed
     for child in folder.iterdir():
-        if child.name.startswith(_TMP_MARK):
-            shutil.rmtree(child, ignore_errors=True)
+        if not child.name.startswith(_TMP_MARK):
+            continue
+        owner = _owner(child.name)
+        if owner is not None and owner != os.getpid() and _alive(owner):
+            continue
+        if owner == os.getpid():
+            continue
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        removed.append(child)
+    return removed
 
 
 def sha256_file(path: Path, *, chunk: int = 8 << 20) -> str:

@@ -113,7 +113,7 @@ def fidelity_line(fidelity: Fidelity | None, runtime: str) -> str | None:
         f"{display.percent(fidelity.top1_agreement, fidelity.top1_agreement_stderr)}, perplexity "
         f"{display.delta_pct(fidelity.ppl_delta_pct, fidelity.ppl_delta_pct_stderr)}"
     )
-    limits = f"KL ≤ {fidelity.max_kl:g} and top-1 ≥ {100 * fidelity.min_top1:g}%"
+    limits = f"KL ≤ {fidelity.max_kl:.0e}, top-1 not significantly below {100 * fidelity.min_top1:g}%"
     if fidelity.deviates:
         return (
             f"**Runtime finding:** {fidelity.finding} The Δ, KL and top-1 columns compare with the original and so "

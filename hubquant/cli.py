@@ -20,6 +20,28 @@ from hubquant.errors import HubquantError, redact
 
 log = logging.getLogger("hubquant")
 
+#: Set (unless already set) when neither -v nor HUBQUANT_DEBUG asks for the libraries' own output.
+QUIET_ENVIRONMENT = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+#: Third-party loggers that only speak at ERROR unless -v (INFO) or HUBQUANT_DEBUG (everything).
+NOISY_LOGGERS = (
+    "llama_cpp",
+    "hf-to-gguf",
+    "gguf",
+    "transformers",
+    "httpx",
+    "urllib3",
+    "filelock",
+    "matplotlib",
+    "py.warnings",
+    "nncf",
+    "optimum",
+)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="hubquant")
@@ -28,12 +50,15 @@ def cli(verbose: bool) -> None:
     """Quantize Microsoft Phi checkpoints to GGUF, ONNX, OpenVINO and MLX; measure and publish them."""
     level = logging.DEBUG if debug() else logging.INFO if verbose else logging.WARNING
     if not (verbose or debug()):
-        # transformers' "Loading weights" bars add nothing to hubquant's own step lines.
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # Third-party progress bars and advice (transformers' rope_parameters and torch_dtype notes,
+        # the converter's "Writing" bar) add nothing to hubquant's own step lines; children inherit this.
+        for name, value in QUIET_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
     logging.basicConfig(level=level, format="hubquant: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    logging.captureWarnings(True)  # warnings.warn from libraries goes through logging: shown with -v
     if not debug():
-        for noisy in ("llama_cpp", "hf-to-gguf", "gguf", "transformers", "httpx", "urllib3", "filelock", "matplotlib"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+        for noisy in NOISY_LOGGERS:
+            logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 for command in (

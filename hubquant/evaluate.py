@@ -26,6 +26,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
     from hubquant.source import SourceModel
 
 log = logging.getLogger(__name__)
+
+#: Builds a runtime's full-precision form for its floor, deleting it on exit (see hubquant.pipeline.FloorBuilder).
+BuildFloor = Callable[[FloorPlan], AbstractContextManager["Artifact | None"]]
 
 
 @dataclass
@@ -223,12 +227,12 @@ class Evaluator:
         progress: Progress,
         reuse: bool,
         work: Path,
-        built_floors: dict[str, Artifact],
+        build_floor: BuildFloor | None,
     ) -> None:
         from hubquant import __version__
 
         self.source, self.text, self.settings, self.gate = source, text, settings, gate
-        self.say, self.reuse, self.work, self.built_floors = progress, reuse, work, built_floors
+        self.say, self.reuse, self.work, self.build_floor = progress, reuse, work, build_floor
         self.weight_bytes = sum((source.path / name).stat().st_size for name in source.weight_files)
         self.common = {
             "hubquant_version": __version__,
@@ -308,32 +312,40 @@ class Evaluator:
 
     def _floor(self, plan: FloorPlan) -> tuple[Path | None, Fidelity | None]:
         """Measure (or reuse) a runtime's floor: its logits are kept for the quantization-only figures."""
-        from hubquant.artifact import atomic_folder
         from hubquant.reference import floor_folder
 
         folder = floor_folder(self.ref_folder, plan.key)
         if (folder / "floor.json").is_file():
             self.say(f"{plan.format} floor: reusing the cached {plan.precision} logits")
             result = json.loads((folder / "floor.json").read_text())
+        elif plan.artifact is not None:
+            result = self._measure_floor(plan, plan.artifact, folder)
+        elif self.build_floor is None:
+            return None, None
         else:
-            artifact = plan.artifact or self.built_floors.get(plan.key)
-            if artifact is None:
-                return None, None
-            self.say(f"{plan.format} floor: measuring its unquantized form ({plan.precision}) against the reference")
-            try:
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_folder(folder) as staging:
-                    result = run_worker(
-                        self._job(artifact, f"{plan.format} {plan.precision} (floor)", keep_logits=str(staging)),
-                        self.work,
-                    )
-                    (staging / "floor.json").write_text(json.dumps(result))
-            except HubquantError as exc:
-                self.say(f"{plan.format} floor: could not be measured ({exc.message})")
-                return None, None
+            with self.build_floor(plan) as built:
+                result = self._measure_floor(plan, built, folder) if built is not None else None
+        if result is None:
+            return None, None
         if plan.artifact is not None:
             self.results[str(plan.artifact.path)] = result
         return folder, fidelity_record(plan, result, self.source)
+
+    def _measure_floor(self, plan: FloorPlan, artifact: Artifact, folder: Path) -> dict[str, Any] | None:
+        """Score the runtime's unquantized form and keep its logits in ``folder`` (None: it failed)."""
+        from hubquant.artifact import atomic_folder
+
+        self.say(f"{plan.format} floor: measuring its unquantized form ({plan.precision}) against the reference")
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_folder(folder) as staging:
+                job = self._job(artifact, f"{plan.format} {plan.precision} (floor)", keep_logits=str(staging))
+                result = run_worker(job, self.work)
+                (staging / "floor.json").write_text(json.dumps(result))
+        except HubquantError as exc:
+            self.say(f"{plan.format} floor: could not be measured ({exc.message})")
+            return None
+        return result
 
     def _variant_row(self, artifact: Artifact, label: str) -> Evaluation:
         plan, folder, fidelity = self.floor_of.get(artifact.path, (None, None, None))
@@ -406,13 +418,14 @@ def evaluate(
     gate: GateSettings | None = None,
     progress: Progress | None = None,
     reuse: bool = False,
-    built_floors: dict[str, Artifact] | None = None,
+    build_floor: BuildFloor | None = None,
 ) -> list[Evaluation]:
     """Measure every artifact against the cached reference and its runtime's floor; write ``eval.json`` beside each.
 
     With ``reuse``, an artifact whose ``eval.json`` was measured on the same artifact (cache key),
     text, settings and floor is not measured again (``hubquant publish`` resuming after a failure).
-    ``built_floors`` maps a floor's cache key to a full-precision artifact built only to measure it.
+    ``build_floor`` builds a runtime's full-precision form when the run has none (a context manager
+    that deletes it on exit; without it such runtimes get no floor).
     A variant that cannot be measured becomes a row with its error (and fails the gate).
 
     Returns the rows: the reference first, then the variants by decreasing size.
@@ -437,6 +450,6 @@ def evaluate(
             progress=say,
             reuse=reuse,
             work=Path(tmp),
-            built_floors=built_floors or {},
+            build_floor=build_floor,
         )
         return evaluator.run(artifacts)

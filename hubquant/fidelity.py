@@ -3,7 +3,7 @@
 For every format in a comparison, its *unquantized* form is scored like a variant: the run's own
 full-precision variant of that format when it has one (the most faithful first), otherwise the
 format's :meth:`~hubquant.exporters.base.Exporter.floor_precision`, built only for this and deleted
-after (:func:`hubquant.pipeline.floor_artifacts`). Its logits are kept beside the reference's, so
+after (:class:`hubquant.pipeline.FloorBuilder`). Its logits are kept beside the reference's, so
 every variant of that runtime is also scored against them: the deviation due to quantization alone.
 
 A floor above :data:`FLOOR_MAX_KL` — or with top-1 agreement significantly below
@@ -22,9 +22,7 @@ from hubquant.records import Fidelity
 
 if TYPE_CHECKING:
     from hubquant.artifact import Artifact
-    from hubquant.evaluate import EvalSettings
     from hubquant.source import SourceModel
-    from hubquant.text import EvalText
 
 
 #: A runtime whose unquantized form scores a mean KL above this (nats) computes the model differently…
@@ -103,13 +101,6 @@ def _runnable(artifact: Artifact) -> bool:
     except HubquantError:
         return False
     return True
-
-
-def floor_cached(source: SourceModel, text: EvalText, settings: EvalSettings, key: str) -> bool:
-    """Whether a floor's logits are already cached for this reference (no need to build it)."""
-    from hubquant.reference import floor_folder, reference_folder
-
-    return (floor_folder(reference_folder(source, text.sha256, settings.key()), key) / "floor.json").is_file()
 
 
 def fidelity_record(plan: FloorPlan, result: dict[str, Any], source: SourceModel) -> Fidelity:

@@ -23,10 +23,15 @@ from hubquant.artifact import (
     cache_key,
     commit_staging_folder,
     discard_staging_folder,
+    disk_full_error,
+    free_bytes,
+    is_disk_full,
     new_staging_folder,
+    output_lock,
     prepare_output_root,
     remove_stale_temporaries,
     reusable_artifact,
+    temp_prefix,
     write_manifest,
 )
 from hubquant.errors import ExportError, HubquantError
@@ -37,6 +42,7 @@ from hubquant.source import SourceModel, resolve_source
 
 if TYPE_CHECKING:
     from hubquant.evaluate import EvalSettings, GateSettings
+    from hubquant.fidelity import FloorPlan
     from hubquant.publishing import PushOutcome, PushSettings
     from hubquant.records import Evaluation
     from hubquant.text import EvalText
@@ -86,7 +92,9 @@ class QuantizeResult:
         return [v for v in self.variants if v.error is not None]
 
 
-def _as_export_error(exc: BaseException, spec: VariantSpec) -> HubquantError:
+def _as_export_error(exc: BaseException, spec: VariantSpec, *, where: Path, need: int | None = None) -> HubquantError:
+    if is_disk_full(exc, where):
+        return disk_full_error(where, need=need)
     if isinstance(exc, HubquantError):
         return exc
     return ExportError(
@@ -143,9 +151,14 @@ def quantize(
         SourceError, UnsupportedModelError, OutputError, MissingDependencyError, TrackingError:
             before any work.
     """
+    from hubquant.weights import check_finite
+
+    say = progress or (lambda line: None)
     source = resolve_source(recipe.source, revision=recipe.revision)
     for spec in recipe.variants:
         get_exporter(spec.format).check_installed()
+    if check_finite(source):
+        say(f"source: no NaN or infinite weights in {len(source.weight_files)} file(s) (checked once per source)")
     output = Path(recipe.output)
     tracker = _open_tracker(source, tracking, recipe.experiment)
     with contextlib.ExitStack() as stack:
@@ -154,6 +167,7 @@ def quantize(
         if recipe.scratch is not None:
             prepare_output_root(Path(recipe.scratch), what="scratch")
         created = prepare_output_root(output)
+        stack.enter_context(output_lock(output, progress=say))
         result = build_variants(
             source, recipe.variants, output, scratch=recipe.scratch, force=force, progress=progress, tracker=tracker
         )
@@ -236,38 +250,57 @@ def _export_format(
 ) -> None:
     """One format's variants in one export call; each finished folder gets its manifest and moves into place."""
     try:
-        with tempfile.TemporaryDirectory(prefix=".hubquant-tmp-work-", dir=scratch) as work_dir:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("work"), dir=scratch) as work_dir:
             if scratch.resolve() != Path(jobs[0].target).parent.resolve():
                 say(f"{exporter.name}: intermediates in {work_dir}")
             errors = exporter.export(source, [j.job for j in jobs], work_dir=Path(work_dir), progress=say)
         for item in jobs:
             spec, job = item.spec, item.job
             error = errors.get(job.name, ExportError(f"{spec.label} was not built", format=exporter.name))
-            if error is not None:
-                discard_staging_folder(job.folder)
-                outcomes[item.index] = VariantResult(spec=spec, error=_as_export_error(error, spec))
-                log.debug("%s failed", spec.label, exc_info=error)
-                continue
-            say(f"{spec.label}: hashing and writing the manifest")
-            manifest = write_manifest(
-                job.folder,
-                variant=spec.model_dump(mode="json"),
-                source=source.facts(),
-                tools=tools,
-                key=item.key,
-                export_seconds=job.seconds,
-                shared_seconds=job.shared_seconds,
-                warnings=job.warnings,
-                settings=job.settings,
-            )
-            commit_staging_folder(job.folder, item.target)
+            if error is None:
+                say(f"{spec.label}: hashing and writing the manifest")
+                try:
+                    outcomes[item.index] = _finish(item, source, tools)
+                    continue
+                except OSError as exc:
+                    error = exc
+            discard_staging_folder(job.folder)
+            need = _estimated_bytes(source, exporter, spec) - free_bytes(item.target.parent)
             outcomes[item.index] = VariantResult(
-                spec=spec, artifact=Artifact(path=item.target, manifest=manifest, warnings=list(job.warnings))
+                spec=spec, error=_as_export_error(error, spec, where=item.target.parent, need=need)
             )
+            log.debug("%s failed", spec.label, exc_info=error)
     finally:
         for item in jobs:
             if item.job.folder.exists():
                 discard_staging_folder(item.job.folder)
+
+
+def _finish(item: _Job, source: SourceModel, tools: dict[str, str]) -> VariantResult:
+    """Hash a built variant, write its manifest and move it into place."""
+    job = item.job
+    manifest = write_manifest(
+        job.folder,
+        variant=item.spec.model_dump(mode="json"),
+        source=source.facts(),
+        tools=tools,
+        key=item.key,
+        export_seconds=job.seconds,
+        shared_seconds=job.shared_seconds,
+        warnings=job.warnings,
+        settings=job.settings,
+    )
+    commit_staging_folder(job.folder, item.target)
+    return VariantResult(
+        spec=item.spec, artifact=Artifact(path=item.target, manifest=manifest, warnings=list(job.warnings))
+    )
+
+
+def _estimated_bytes(source: SourceModel, exporter: Exporter, spec: VariantSpec) -> int:
+    """Rough disk a variant needs: its own size plus the exporter's temporaries, from the source's bytes."""
+    weight_bytes = sum((source.path / name).stat().st_size for name in source.weight_files)
+    source_bits = 32 if source.dtype == "float32" else 16
+    return int(weight_bytes * (exporter.scratch_share + exporter.bits(spec.precision) / source_bits))
 
 
 @dataclass
@@ -282,40 +315,31 @@ class EvalResult:
         return [row for row in self.rows if row.error]
 
 
-@contextlib.contextmanager
-def floor_artifacts(
-    artifacts: list[Artifact],
-    source: SourceModel,
-    *,
-    text: EvalText,
-    settings: EvalSettings,
-    progress: Progress,
-    scratch: Path | None = None,
-) -> Iterator[dict[str, Artifact]]:
-    """Build the full-precision form of every runtime the run has none of (and whose floor is not cached):
-    cache key → artifact, deleted when the evaluation is done."""
-    from hubquant.fidelity import floor_cached, plan_floors
+@dataclass
+class FloorBuilder:
+    """Builds the full-precision form of a runtime the run has none of, only when its floor logits are
+    not cached — one at a time, deleted as soon as it is measured (at Phi-3.5-mini size the GGUF F16,
+    ONNX fp32 and OpenVINO fp16 forms are 7.6, 15.3 and 7.6 GB: never all on disk at once)."""
 
-    plans = plan_floors(artifacts, source) if settings.fidelity and artifacts else []
-    missing = [p for p in plans if p.artifact is None and not floor_cached(source, text, settings, p.key)]
-    if not missing:
-        yield {}
-        return
-    where = scratch or artifacts[0].path.parent
-    with tempfile.TemporaryDirectory(prefix=".hubquant-tmp-floors-", dir=where) as tmp:
-        for plan in missing:
-            progress(
-                f"{plan.format} floor: building {plan.precision} (unquantized) to measure the runtime itself; "
-                "deleted after"
-            )
-        specs = [VariantSpec.model_validate(plan.spec()) for plan in missing]
-        built = build_variants(source, specs, Path(tmp), scratch=scratch, progress=progress)
-        for failure in built.failures:
-            progress(
-                f"{failure.spec.format} floor: not built ({failure.error.message if failure.error else ''}); "
-                "its variants get no quantization-only figures"
-            )
-        yield {artifact.manifest.cache_key: artifact for artifact in built.artifacts}
+    source: SourceModel
+    where: Path
+    scratch: Path | None
+    progress: Progress
+
+    @contextlib.contextmanager
+    def __call__(self, plan: FloorPlan) -> Iterator[Artifact | None]:
+        self.progress(
+            f"{plan.format} floor: building {plan.precision} (unquantized) to measure the runtime itself; deleted after"
+        )
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("floor"), dir=self.where) as tmp:
+            spec = VariantSpec.model_validate(plan.spec())
+            built = build_variants(self.source, [spec], Path(tmp), scratch=self.scratch, progress=self.progress)
+            for failure in built.failures:
+                message = failure.error.message if failure.error else ""
+                self.progress(
+                    f"{plan.format} floor: not built ({message}); its variants get no quantization-only figures"
+                )
+            yield built.artifacts[0] if built.artifacts else None
 
 
 def evaluate_artifacts(
@@ -346,10 +370,7 @@ def evaluate_artifacts(
     with contextlib.ExitStack() as stack:
         if tracker is not None:
             stack.enter_context(tracker)
-        with (
-            capture,
-            floor_artifacts(artifacts, source, text=text, settings=settings, progress=say, scratch=scratch) as built,
-        ):
+        with capture:
             rows = evaluate(
                 artifacts,
                 source,
@@ -358,7 +379,7 @@ def evaluate_artifacts(
                 gate=gate,
                 progress=say,
                 reuse=reuse,
-                built_floors=built,
+                build_floor=FloorBuilder(source, scratch or artifacts[0].path.parent, scratch, say),
             )
         if plot is not None:
             from hubquant.plot import plot_tradeoff

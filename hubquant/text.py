@@ -27,7 +27,9 @@ BUILTIN_CALIBRATION_TEXT = "calibration.txt"
 #: The standard corpus for real models (llama.cpp's published perplexities use its test split).
 STANDARD_DATASET = "wikitext:wikitext-2-raw-v1:test"
 #: How a text's origin reads in cards: the built-in texts are hubquant's, and said to be.
-BUILTIN_LABEL = "hubquant built-in text (offline; not comparable with published perplexities)"
+BUILTIN_LABEL = (
+    "hubquant's built-in text (an offline stand-in: its perplexities are not comparable with published ones)"
+)
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def test_metrics_order_and_f16_agreement(variants: list[str], tiny_phi3: Path) -
     assert written["metrics"] == q4 and written["variant"]["precision"] == "Q4_K_M"
     assert written["source"]["fingerprint"] and written["machine"]["cores"] >= 1
     assert written["text"]["tokens_scored"] == document["text"]["tokens_scored"] > 0
-    assert written["text"]["label"].startswith("hubquant built-in text")
+    assert written["text"]["label"].startswith("hubquant's built-in text")
 
 
 def test_runs_agree_and_the_reference_is_cached(variants: list[str], tiny_phi3: Path, tmp_path: Path) -> None:

@@ -232,14 +232,22 @@ def test_reuse_and_force(untrained_phi3: Path, tmp_path: Path) -> None:
     assert with_matrix["files"][0]["sha256"] != first["files"][0]["sha256"]
 
 
-def test_leftovers_of_a_killed_run_are_cleaned(untrained_phi3: Path, tmp_path: Path) -> None:
+def test_leftovers_of_a_dead_run_are_cleaned_a_live_one_is_kept(untrained_phi3: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     out = tmp_path / "out"
-    stale = out / ".hubquant-tmp-gguf-Q8_0-999-deadbeef"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".hubquant-tmp-gguf-Q8_0-{int(dead.stdout)}-deadbeef"
     stale.mkdir(parents=True)
     (stale / "half.gguf").write_bytes(b"GGUF")
-    result = _quantize(untrained_phi3, out, "Q8_0")
-    assert not result.failures and not stale.exists()
-    assert sorted(p.name for p in out.iterdir()) == ["gguf-Q8_0"]
+    with subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE) as alive:
+        live = out / f".hubquant-tmp-work-{alive.pid}-abc123"  # another run's, still going
+        live.mkdir()
+        result = _quantize(untrained_phi3, out, "Q8_0")
+        assert not result.failures and not stale.exists() and live.exists()
+        alive.stdin.close()
+    assert sorted(p.name for p in out.iterdir()) == [live.name, "gguf-Q8_0"]
 
 
 def test_kquant_fallback_is_reported(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import importlib.util
 import logging
 import os
@@ -124,6 +125,8 @@ def convert(source: "SourceModel", output: Path, precision: str, *, pre_tokenize
             ) from None
         raise ExportError(f"llama.cpp's converter failed: {exc}", format="gguf", precision=precision) from None
     except (ValueError, KeyError, OSError) as exc:
+        if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT) or "requested and" in str(exc)):
+            raise  # a write that failed: the pipeline tells a full disk from the rest
         raise ExportError(
             f"llama.cpp's converter failed on {source.name}: {exc}",
             format="gguf",

@@ -1,0 +1,182 @@
+"""Faults a long run must survive, each driven deterministically: a pause at a named stage
+(``HUBQUANT_FAULT``), never a sleep or a log line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _paused_quantize(model: Path, out: Path, marker_dir: Path, *precisions: str) -> subprocess.Popen:
+    """A ``hubquant quantize`` that waits at the start of conversion until it is signalled (60 s at most)."""
+    env = {**os.environ, "HUBQUANT_FAULT": "pause:gguf-converting", "HUBQUANT_FAULT_DIR": str(marker_dir)}
+    flags = [f for p in precisions for f in ("--precision", p)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hubquant.cli", "quantize", str(model), *flags, "--output", str(out), "--no-track"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    marker = marker_dir / "gguf-converting.reached"
+    for _ in range(1200):  # bounded: the child reaches the stage, or ends
+        if marker.is_file() or process.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert marker.is_file(), process.communicate(timeout=120)[1]
+    return process
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_refuses_and_a_dead_holder_is_taken_over(
+    untrained_phi3: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    first = _paused_quantize(untrained_phi3, out, tmp_path, "Q8_0")
+    try:
+        # A live run's staging folder must survive anyone's clean-up.
+        live = [p for p in out.iterdir() if p.name.startswith(".hubquant-tmp-")]
+        assert live, "the paused run has its staging folder"
+        started = time.monotonic()
+        code, _, err = run_cli(
+            "quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(out), "--no-track"
+        )
+        assert code == 1 and "in use by another hubquant run" in err and f"pid {first.pid}" in err, err
+        assert time.monotonic() - started < 30, "refused at once, not after waiting"
+        assert all(p.exists() for p in live), "the refused run deleted nothing"
+    finally:
+        first.kill()  # kill -9: no clean-up at all
+        first.communicate(timeout=60)
+    assert (out / ".hubquant-lock").is_file() and all(p.exists() for p in live), "what a killed run leaves"
+    code, stdout, err = run_cli(
+        "quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(out), "--no-track", "--json"
+    )
+    assert code == 0, err
+    assert "taking over from a run that ended" in err and f"pid {first.pid}" in err
+    assert not any(p.exists() for p in live), "the dead run's staging folder is cleaned"
+    assert sorted(p.name for p in out.iterdir()) == ["gguf-Q8_0"], "no lock, no temporaries left"
+
+
+def test_weights_with_nan_or_inf_are_refused_before_any_work(model_copy, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    model = model_copy("nan-model")
+    tensors = load_file(model / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, :3] = [np.nan, np.inf, -np.inf]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli("quantize", str(model), "--precision", "Q8_0", "--output", str(tmp_path / "o"), "--no-track")
+    assert code == 1 and "Traceback" not in err
+    assert "NaN or infinite" in err and f"{name} (3 in model.safetensors)" in err, err
+    assert not (tmp_path / "o").exists(), "nothing was written"
+
+
+def _as_bf16(path: Path, name: str) -> None:
+    """Relabel a uint16 tensor of a safetensors file as BF16 (safetensors.numpy cannot write bf16)."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    header[name]["dtype"] = "BF16"
+    body = json.dumps(header).encode()
+    path.write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + length :])
+
+
+def test_bf16_and_f16_non_finite_values_are_found_by_their_bits(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from hubquant.weights import non_finite_tensors
+
+    path = tmp_path / "w.safetensors"
+    save_file(
+        {
+            "a": np.array([1.0, np.nan, 65504.0, -np.inf], dtype=np.float16),
+            "b": np.ones(4, dtype=np.float32),
+            "c": np.array([1, 2], dtype=np.int64),
+        },
+        path,
+    )
+    assert non_finite_tensors(path) == [("a", 2)]
+    # bf16 bit patterns: 1.0, NaN, -Inf, +Inf, the largest finite value, the smallest subnormal
+    save_file(
+        {"x": np.array([0x3F80, 0x7FC0, 0xFF80, 0x7F80, 0x7F7F, 0x0001], dtype=np.uint16)},
+        tmp_path / "bits.safetensors",
+    )
+    _as_bf16(tmp_path / "bits.safetensors", "x")
+    assert non_finite_tensors(tmp_path / "bits.safetensors") == [("x", 3)]
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_data_file(tmp_path: Path) -> None:
+    """A non-editable install must find the profiles, the card template and the texts."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("hubquant-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("hubquant/data/")}
+    expected = {
+        f"hubquant/{p.relative_to(ROOT / 'hubquant').as_posix()}"
+        for p in (ROOT / "hubquant" / "data").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert expected and shipped == expected, sorted(expected ^ shipped)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 3 MB tmpfs (needs root; skipped with the reason otherwise)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip() or 'mount failed'}); needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_is_named_and_nothing_is_half_written(untrained_phi3: Path, small_disk: Path) -> None:
+    out = small_disk / "out"
+    code, _, err = run_cli(
+        "quantize",
+        str(untrained_phi3),
+        "--precision",
+        "Q8_0",
+        "--precision",
+        "Q4_K_M",
+        "--output",
+        str(out),
+        "--no-track",
+    )
+    assert code == 1 and "Traceback" not in err and "internal error" not in err, err
+    assert f"disk full writing {out}" in err and "--scratch" in err and "checkpoint is complete" not in err, err
+    assert "Writing:" not in err, "no third-party progress bar after the error"
+    assert not out.exists() or not any(out.iterdir()), "nothing half-written"
