@@ -104,10 +104,15 @@ def card_rows(plan: RepoPlan) -> tuple[list[dict[str, str]], dict[str, str] | No
     return rows, reference, sample
 
 
-def fidelity_line(fidelity: Fidelity | None, runtime: str) -> str | None:
+def fidelity_line(fidelity: Fidelity | None, runtime: str, note: str | None = None) -> str | None:
     """The card's sentence about the runtime's own deviation from the original."""
     if fidelity is None:
-        return None
+        if note is None:
+            return None
+        return (
+            f"Runtime fidelity: not measured — {note}. The Δ, KL and top-1 columns therefore include "
+            f"whatever {runtime} itself computes differently from the original."
+        )
     measured = (
         f"KL {display.scientific(fidelity.kl_mean, fidelity.kl_mean_stderr)}, top-1 "
         f"{display.percent(fidelity.top1_agreement, fidelity.top1_agreement_stderr)}, perplexity "
@@ -261,7 +266,9 @@ def build_card(plan: RepoPlan, context: CardContext) -> ModelCard:
         model_name=source.get("name"),
         rows=rows,
         reference=reference,
-        fidelity=fidelity_line(sample.fidelity if sample else None, exporter.display_name),
+        fidelity=fidelity_line(
+            sample.fidelity if sample else None, exporter.display_name, sample.fidelity_note if sample else None
+        ),
         device_advice=device_advice([(v.format, v.precision) for v in plan.variants]),
         snippets=exporter.snippets(plan),
         siblings=[

@@ -126,6 +126,10 @@ class TrackingError(HubquantError, ConnectionError):
     """The MLflow tracking store cannot be used."""
 
 
+class FaultInjected(HubquantError, RuntimeError):
+    """Raised at a stage named by ``HUBQUANT_FAULT=raise:STAGE`` (fault-injection tests only)."""
+
+
 def key_path(parts: "list[str | int] | tuple[str | int, ...]") -> str:
     """One spelling of a recipe key path: ``variants[0].options.group_size``."""
     text = ""

@@ -242,6 +242,7 @@ class Evaluator:
         }
         self.results: dict[str, dict[str, Any]] = {}
         self.floor_of: dict[Path, tuple[FloorPlan, Path | None, Fidelity | None]] = {}
+        self.floor_notes: dict[Path, str] = {}
 
     def run(self, artifacts: list[Artifact]) -> list[Evaluation]:
         self.ref_folder, ref_result = reference(
@@ -249,9 +250,11 @@ class Evaluator:
         )
         self.ref_row = self._reference_row(ref_result)
         for plan in plan_floors(artifacts, self.source) if self.settings.fidelity else []:
-            folder, fidelity = self._floor(plan)
+            folder, fidelity, note = self._floor(plan)
             for artifact in plan.variants:
                 self.floor_of[artifact.path] = (plan, folder, fidelity)
+                if note:
+                    self.floor_notes[artifact.path] = f"{plan.format} {plan.precision} floor not measured: {note}"
         labels = variant_labels(artifacts)
         rows = [self.ref_row]
         for artifact in sorted(artifacts, key=lambda a: -a.size_bytes):
@@ -310,26 +313,31 @@ class Evaluator:
             **extra,
         }
 
-    def _floor(self, plan: FloorPlan) -> tuple[Path | None, Fidelity | None]:
-        """Measure (or reuse) a runtime's floor: its logits are kept for the quantization-only figures."""
+    def _floor(self, plan: FloorPlan) -> tuple[Path | None, Fidelity | None, str | None]:
+        """Measure (or reuse) a runtime's floor: its logits are kept for the quantization-only figures.
+        Without a floor, the reason why (said in the table and on the cards)."""
+        from hubquant.fidelity import memory_shortfall
         from hubquant.reference import floor_folder
 
         folder = floor_folder(self.ref_folder, plan.key)
         if (folder / "floor.json").is_file():
             self.say(f"{plan.format} floor: reusing the cached {plan.precision} logits")
             result = json.loads((folder / "floor.json").read_text())
+        elif (short := memory_shortfall(plan, self.source)) is not None:
+            self.say(f"{plan.format} floor: not measured — {short}")
+            return None, None, short
         elif plan.artifact is not None:
             result = self._measure_floor(plan, plan.artifact, folder)
         elif self.build_floor is None:
-            return None, None
+            return None, None, "no full-precision form to measure"
         else:
             with self.build_floor(plan) as built:
                 result = self._measure_floor(plan, built, folder) if built is not None else None
         if result is None:
-            return None, None
+            return None, None, f"its {plan.precision} form could not be built or measured (see the log)"
         if plan.artifact is not None:
             self.results[str(plan.artifact.path)] = result
-        return folder, fidelity_record(plan, result, self.source)
+        return folder, fidelity_record(plan, result, self.source), None
 
     def _measure_floor(self, plan: FloorPlan, artifact: Artifact, folder: Path) -> dict[str, Any] | None:
         """Score the runtime's unquantized form and keep its logits in ``folder`` (None: it failed)."""
@@ -366,6 +374,7 @@ class Evaluator:
             metrics=Metrics(size_bytes=artifact.size_bytes),
             reference=self.ref_row.metrics,
             fidelity=fidelity,
+            fidelity_note=self.floor_notes.get(artifact.path),
             warnings=list(artifact.manifest.warnings),
             **self.common,
         )

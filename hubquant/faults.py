@@ -15,13 +15,9 @@ import os
 import time
 from pathlib import Path
 
-from hubquant.errors import HubquantError
+from hubquant.errors import FaultInjected
 
 ENV = "HUBQUANT_FAULT"
-
-
-class FaultInjected(HubquantError, RuntimeError):
-    """Raised at a stage named by ``HUBQUANT_FAULT=raise:STAGE`` (tests only)."""
 
 
 def checkpoint(stage: str) -> None:

@@ -137,3 +137,24 @@ def fidelity_record(plan: FloorPlan, result: dict[str, Any], source: SourceModel
         deviates=deviates,
         finding=finding,
     )
+
+
+def memory_shortfall(plan: FloorPlan, source: SourceModel) -> str | None:
+    """Why measuring a floor would not fit in the memory available now, or None when it fits.
+
+    The need is the format's measured ``floor_bytes_per_parameter`` × parameters (at Phi-3.5-mini
+    size: OpenVINO's fp32 form took 23.4 GB to load and run at f32, ONNX's fp32 14.8 GB, llama.cpp's
+    F16 7.5 GB); a floor that cannot fit is skipped and said to be, never estimated.
+    """
+    from hubquant.display import human_size
+    from hubquant.exporters import get_exporter
+    from hubquant.torch_runner import available_memory
+
+    need = int(get_exporter(plan.format).floor_bytes_per_parameter * source.parameter_count)
+    free = available_memory()
+    if free is None or need <= free:
+        return None
+    return (
+        f"its {plan.precision} form needs about {human_size(need)} of memory, {human_size(free)} is available "
+        "(run the evaluation on a larger machine for the runtime's floor)"
+    )

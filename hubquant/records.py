@@ -203,6 +203,8 @@ class Evaluation(_Record):
     metrics: Metrics
     reference: Metrics
     fidelity: Fidelity | None = None
+    #: Why the runtime's floor was not measured (then ``fidelity`` is None and no ``quant_*`` figure exists).
+    fidelity_note: str | None = None
     gate: Gate = Field(default_factory=Gate)
     warnings: list[str] = Field(default_factory=list)
     speed_note: str | None = None

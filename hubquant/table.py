@@ -44,8 +44,8 @@ def _floors(rows: list[Evaluation]) -> list[Fidelity]:
 
 
 def floor_lines(rows: list[Evaluation]) -> list[str]:
-    """One line per runtime floor: within rounding, or the finding."""
-    lines = []
+    """One line per runtime floor: within rounding, the finding, or why it was not measured."""
+    lines = [f"! {note}" for note in dict.fromkeys(r.fidelity_note for r in rows if r.fidelity_note)]
     for floor in _floors(rows):
         if floor.deviates:
             lines.append(f"! finding: {floor.finding}")

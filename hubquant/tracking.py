@@ -243,6 +243,7 @@ class Tracker:
             "hubquant.runtime_finding": row.fidelity.finding if row.fidelity and row.fidelity.finding else "",
             "hubquant.eval_text": row.text.label or row.text.name,
             "hubquant.eval_text_sha256": row.text.sha256,
+            "hubquant.eval_tokens_scored": str(row.text.tokens_scored),
         }
         self._log(run_id, metrics=metrics, tags=tags)
         self._log(run_id, metrics=metrics, model_id=model)

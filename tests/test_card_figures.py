@@ -182,3 +182,22 @@ def test_the_table_marks_noise_and_names_findings() -> None:
 )
 def test_delta_wording(value: float | None, stderr: float | None, expected: str) -> None:
     assert display.delta_pct(value, stderr) == expected
+
+
+def test_a_floor_that_was_not_measured_says_why(tmp_path: Path) -> None:
+    from hubquant.card import fidelity_line
+    from hubquant.table import render_table
+
+    note = "openvino fp32 floor not measured: its fp32 form needs about 23.40 GB of memory, 16.00 GB is available"
+    line = fidelity_line(None, "OpenVINO IR", note)
+    assert line is not None and line.startswith("Runtime fidelity: not measured — openvino fp32 floor")
+    assert fidelity_line(None, "OpenVINO IR") is None
+    row = Evaluation(
+        label="openvino int4",
+        variant=VariantRecord(format="openvino", precision="int4"),
+        text=TEXT,
+        metrics=Metrics(size_bytes=10),
+        reference=REFERENCE,
+        fidelity_note=note,
+    )
+    assert "! openvino fp32 floor not measured: its fp32 form needs about 23.40 GB" in render_table([row])

@@ -115,6 +115,8 @@ class Exporter(ABC):
     repo_template: ClassVar[str]
     #: How variants are laid out on the Hub (see :data:`RepoLayout`).
     repo_layout: ClassVar[RepoLayout]
+    #: Memory to load and run the floor precision, per parameter (bytes; measured at Phi-3.5-mini size).
+    floor_bytes_per_parameter: ClassVar[float] = 4.0
     #: Marker of this format in the size-versus-quality chart (a matplotlib marker).
     plot_marker: ClassVar[str] = "o"
 

@@ -119,6 +119,7 @@ class GGUFExporter(Exporter):
     display_name = "GGUF (llama.cpp)"
     repo_template = "{model}-GGUF"
     repo_layout = "files"
+    floor_bytes_per_parameter = 2.0  # F16, mmapped: 7.5 GB for 3.8B parameters
     plot_marker = "o"
 
     @classmethod

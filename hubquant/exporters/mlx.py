@@ -88,13 +88,14 @@ class MLXExporter(Exporter):
         "mixed_4_6": "mlx-lm recipe: 4/6-bit mix",
     }
     generic_precisions = {"int4": "4bit", "int8": "8bit", "fp16": "fp16", "fp32": "fp32"}
-    full_precisions = ("fp32", "bf16", "fp16")
+    full_precisions = ("fp32",)  # 16-bit conversions round the norms too: compared with fp32 like any variant
     Options = MLXOptions
     tool_distributions = ("mlx", "mlx-lm", "transformers")
     library_name = "mlx"
     display_name = "MLX"
     repo_template = "{model}-{variant}"
     repo_layout = "repo-per-variant"
+    floor_bytes_per_parameter = 4.4  # fp32 weights plus activations (estimated)
     plot_marker = "D"
 
     @classmethod

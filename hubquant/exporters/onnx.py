@@ -90,6 +90,7 @@ class ONNXExporter(Exporter):
     display_name = "ONNX Runtime GenAI"
     repo_template = "{model}-onnx"
     repo_layout = "folders"
+    floor_bytes_per_parameter = 3.9  # fp32: 14.8 GB for 3.8B parameters
     plot_marker = "s"
 
     @classmethod
