@@ -206,17 +206,31 @@ def publish_steps(model: Path, work: Path, *, unmeasured: tuple[str, ...] = UNME
 
 
 def publish_summary(work: Path) -> list[dict]:
-    """The evaluation rows the publish wrote (eval.json beside each artifact)."""
+    """The evaluation rows the publish wrote (eval.json beside each artifact, read as hubquant reads it)."""
+    from hubquant.records import read_evaluation
+
     rows = []
-    for path in sorted((work / "out").glob("*/eval.json")):
-        document = json.loads(path.read_text())
-        metrics = document["metrics"]
+    for folder in sorted(p.parent for p in (work / "out").glob("*/eval.json")):
+        evaluation = read_evaluation(folder)
+        if evaluation is None:
+            continue
+        metrics = evaluation.metrics.model_dump()
         rows.append(
             {
-                "variant": path.parent.name,
+                "variant": folder.name,
                 **{
                     k: metrics.get(k)
-                    for k in ("size_bytes", "perplexity", "ppl_delta_pct", "kl_mean", "top1_agreement", "peak_rss_mb")
+                    for k in (
+                        "size_bytes",
+                        "perplexity",
+                        "perplexity_stderr",
+                        "ppl_delta_pct",
+                        "ppl_delta_pct_stderr",
+                        "kl_mean",
+                        "quant_kl_mean",
+                        "top1_agreement",
+                        "peak_rss_mb",
+                    )
                 },
             }
         )

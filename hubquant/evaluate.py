@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from hubquant.errors import ArtifactError, HubquantError
 from hubquant.eval_worker import run_worker
 from hubquant.fidelity import FloorPlan, fidelity_record, plan_floors
+from hubquant.recipe import EvalSection
 from hubquant.records import Evaluation, Fidelity, Gate, Metrics, SourceFacts, TextFacts, VariantRecord
 from hubquant.reference import reference
 from hubquant.text import EvalText
@@ -53,10 +54,10 @@ BuildFloor = Callable[[FloorPlan], AbstractContextManager["Artifact | None"]]
 class EvalSettings:
     """How a variant is measured; identical for every variant of a comparison."""
 
-    context: int = 512
+    context: int = EvalSection.model_fields["context"].default
     max_windows: int | None = None
-    prompt_tokens: int = 64
-    gen_tokens: int = 32
+    prompt_tokens: int = EvalSection.model_fields["prompt_tokens"].default
+    gen_tokens: int = EvalSection.model_fields["gen_tokens"].default
     #: How the reference holds its weights (it always computes in float32): auto, fp32 or source.
     reference_weights: str = "auto"
     #: Measure each runtime's fidelity floor (its unquantized deviation from the reference).

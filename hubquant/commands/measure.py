@@ -10,6 +10,10 @@ import click
 
 from hubquant.commands.common import Progress, print_tracking, tracking, tracking_options
 from hubquant.errors import RecipeError
+from hubquant.recipe import EvalSection
+
+#: The recipe's eval section is the one place the defaults are written.
+EVAL_DEFAULTS = EvalSection.model_fields
 
 
 @click.command(name="eval")
@@ -19,10 +23,20 @@ from hubquant.errors import RecipeError
     "--text", "text_path", type=click.Path(dir_okay=False), help="UTF-8 text to evaluate on (default: built-in)."
 )
 @click.option("--dataset", help="A datasets dataset as NAME[:CONFIG[:SPLIT]] (needs the Hub).")
-@click.option("--context", default=512, show_default=True, help="Tokens per window.")
+@click.option("--context", default=EVAL_DEFAULTS["context"].default, show_default=True, help="Tokens per window.")
 @click.option("--max-windows", type=int, help="Score at most this many windows.")
-@click.option("--prompt-tokens", default=64, show_default=True, help="Prompt length for the speed test.")
-@click.option("--gen-tokens", default=32, show_default=True, help="Tokens generated for the speed test.")
+@click.option(
+    "--prompt-tokens",
+    default=EVAL_DEFAULTS["prompt_tokens"].default,
+    show_default=True,
+    help="Prompt length for the speed test.",
+)
+@click.option(
+    "--gen-tokens",
+    default=EVAL_DEFAULTS["gen_tokens"].default,
+    show_default=True,
+    help="Tokens generated for the speed test.",
+)
 @click.option(
     "--reference-weights",
     type=click.Choice(["auto", "fp32", "source"]),
