@@ -168,18 +168,22 @@ def small_disk(tmp_path: Path):
 
 
 def test_a_full_disk_is_named_and_nothing_is_half_written(untrained_phi3: Path, small_disk: Path) -> None:
+    from hubquant.cli import QUIET_ENVIRONMENT
+
     out = small_disk / "out"
-    code, _, err = run_cli(
-        "quantize",
-        str(untrained_phi3),
-        "--precision",
-        "Q8_0",
-        "--precision",
-        "Q4_K_M",
-        "--output",
-        str(out),
-        "--no-track",
+    # A process of its own, as a user runs it: tqdm reads TQDM_DISABLE when it is imported, which in
+    # this test process happened long ago; and without the quiet variables an earlier in-process run
+    # left here, so that hubquant itself must set them.
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT}
+    command = ["quantize", str(untrained_phi3), "--precision", "Q8_0", "--precision", "Q4_K_M"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "hubquant.cli", *command, "--output", str(out), "--no-track"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
+    code, err = completed.returncode, completed.stderr
     assert code == 1 and "Traceback" not in err and "internal error" not in err, err
     assert f"disk full writing {out}" in err and "--scratch" in err and "checkpoint is complete" not in err, err
     assert "Writing:" not in err, "no third-party progress bar after the error"
