@@ -10,8 +10,14 @@ Layout follows each ecosystem's convention (names are templates the user can ove
 Each repo gets one commit holding all its files and its card, so it is never seen half-updated.
 Before committing, the local sha256 of every file is compared with what the repo already holds
 (LFS oids, git blob ids for small files): unchanged files are not sent, and a repo with nothing
-new gets no commit at all. The commit itself is retried with back-off; it either lands whole or
-leaves the repo as it was, and a re-run uploads only what the Hub does not hold yet.
+new gets no commit at all. The commit names the head it was planned against (``parent_commit``):
+when someone else committed in between, the Hub refuses it (412) and the push is planned again on
+the new head instead of overwriting it. A commit that fails on the way (network, 5xx) is retried
+with back-off, but only after checking that it did not land anyway — every commit carries a push id
+in its description, looked for in the branch's log (or the open pull requests' with ``create_pr``) —
+so an answer lost on the way back never becomes a second commit or a second pull request. The Hub's
+refusals (4xx) are reported with its own message and never retried. A commit lands whole or leaves
+the repo as it was, and a re-run uploads only what the Hub does not hold yet.
 
 Without a token, or with ``dry_run``, everything that would be uploaded is staged under a local
 folder (one sub-folder per repo with the exact files, the rendered card and ``commit-plan.json``).
@@ -27,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Attempts at one commit, and the first wait between them (doubled each time).
 COMMIT_ATTEMPTS = 4
+#: Plans of one repo's commit when others keep committing to it in between.
+PLAN_ATTEMPTS = 3
 SMALL_FILE = 10 * 1024 * 1024
 
 
@@ -171,6 +180,9 @@ def translate_error(exc: BaseException, *, repo_id: str, endpoint: str, stage_na
     status = _http_status(exc)
     text = str(exc).strip()
     detail = redact(text.splitlines()[0] if text else type(exc).__name__)
+    server_message = getattr(exc, "server_message", None)
+    if status is not None and 400 <= status < 500 and server_message:
+        detail = redact(" ".join(str(server_message).split()))  # the Hub's own words
     if status is None and isinstance(exc, ValueError):
         return HubError(
             f"the Hub refused {stage_name} {repo_id}: {redact(' '.join(text.split()))}",
@@ -203,20 +215,39 @@ def translate_error(exc: BaseException, *, repo_id: str, endpoint: str, stage_na
     )
 
 
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: the network, a 5xx or 429 answer — never the Hub's refusal of the request itself."""
+    status = _http_status(exc)
+    if status is None:
+        return not isinstance(exc, (ValueError, HubquantError))
+    return status >= 500 or status == 429
+
+
 def _retrying(
-    call: Callable[[], Any], *, what: str, repo_id: str, endpoint: str, progress: Callable[[str], None]
+    call: Callable[[], Any],
+    *,
+    what: str,
+    repo_id: str,
+    endpoint: str,
+    progress: Callable[[str], None],
+    landed: Callable[[], Any] | None = None,
 ) -> Any:
-    """Run ``call``, retrying network failures and 5xx answers with back-off (bounded)."""
+    """Run ``call``, retrying network failures and 5xx answers with back-off (bounded).
+
+    With ``landed``, a failed attempt is first asked whether it took effect anyway (a commit whose
+    answer was lost): what ``landed`` returns, unless None, is the result and nothing is retried.
+    """
     wait = float(os.environ.get("HUBQUANT_HUB_RETRY_WAIT", "2"))
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         try:
             return call()
+        except _Conflict:
+            raise
         except Exception as exc:  # noqa: BLE001 - classified below
-            status = _http_status(exc)
-            transient = status is None or status >= 500 or status == 429
-            if isinstance(exc, (ValueError, HubquantError)) and status is None:
-                transient = False
-            if not transient or attempt == COMMIT_ATTEMPTS:
+            if _transient(exc) and landed is not None and (found := landed()) is not None:
+                progress(f"{repo_id}: the commit landed although its answer was lost; not committing again")
+                return found
+            if not _transient(exc) or attempt == COMMIT_ATTEMPTS:
                 raise translate_error(exc, repo_id=repo_id, endpoint=endpoint, stage_name=what) from None
             progress(
                 f"{repo_id}: {what} failed ({redact(type(exc).__name__)}); retrying in {wait:g}s "
@@ -313,6 +344,10 @@ def _changes(
     return operations, uploaded, unchanged, size
 
 
+class _Conflict(Exception):
+    """The branch moved between listing it and committing (the Hub answered 412)."""
+
+
 def _push_repo(plan: RepoPlan, target: _Target, known: dict[Path, str]) -> PushResult:
     repo_id, api = plan.repo_id, target.api
     target.progress(f"{repo_id}: creating the repo (or finding it)")
@@ -321,40 +356,105 @@ def _push_repo(plan: RepoPlan, target: _Target, known: dict[Path, str]) -> PushR
         what="creating",
         repo_id=repo_id,
     )
-    remote = target.retrying(
-        functools.partial(_remote_files, api, repo_id, target.revision), what="listing", repo_id=repo_id
+    push_id = f"hubquant-push: {uuid.uuid4().hex}"
+    for _ in range(PLAN_ATTEMPTS):
+        parent, remote = target.retrying(
+            functools.partial(_remote_files, api, repo_id, target.revision), what="listing", repo_id=repo_id
+        )
+        operations, uploaded, unchanged, size = _changes(plan, remote, known)
+        if not operations:
+            target.progress(f"{repo_id}: up to date — every file is already on the Hub, nothing uploaded")
+            return PushResult(repo_id, plan.url, None, None, None, [], unchanged, 0)
+        target.progress(
+            f"{repo_id}: committing {len(operations)} file(s), {size / 1e6:.1f} MB "
+            f"({len(unchanged)} unchanged file(s) skipped)"
+        )
+        try:
+            oid, commit_url, pr_url = _commit(plan, target, operations, parent=parent, push_id=push_id)
+        except _Conflict:
+            target.progress(f"{repo_id}: someone committed to it since it was listed; planning again on the new head")
+            continue
+        return PushResult(repo_id, plan.url, oid, commit_url, pr_url, uploaded, unchanged, size)
+    raise HubError(
+        f"{repo_id} kept changing while hubquant committed to it ({PLAN_ATTEMPTS} plans, each overtaken)",
+        hint="nothing of this push was committed; run the same command again when the other writer is done",
     )
-    operations, uploaded, unchanged, size = _changes(plan, remote, known)
-    if not operations:
-        target.progress(f"{repo_id}: up to date — every file is already on the Hub, nothing uploaded")
-        return PushResult(repo_id, plan.url, None, None, None, [], unchanged, 0)
-    target.progress(
-        f"{repo_id}: committing {len(operations)} file(s), {size / 1e6:.1f} MB "
-        f"({len(unchanged)} unchanged file(s) skipped)"
-    )
-    commit = functools.partial(
-        api.create_commit,
-        repo_id,
-        operations,
-        commit_message=plan.commit_message(),
-        commit_description="Built, evaluated and published by hubquant.",
-        revision=target.revision,
-        create_pr=target.create_pr,
-    )
-    info = target.retrying(commit, what="committing to", repo_id=repo_id)
-    return PushResult(repo_id, plan.url, info.oid, info.commit_url, info.pr_url, uploaded, unchanged, size)
 
 
-def _remote_files(api: Any, repo_id: str, revision: str | None) -> dict[str, tuple[str | None, str]]:
-    """path → (LFS sha256 or None, git blob id) of every file the repo holds at ``revision``."""
+def _commit(
+    plan: RepoPlan, target: _Target, operations: list[Any], *, parent: str | None, push_id: str
+) -> tuple[str, str | None, str | None]:
+    """One commit on top of ``parent`` (raises _Conflict when the branch moved): (oid, url, PR url)."""
+    repo_id, api = plan.repo_id, target.api
+
+    def attempt() -> tuple[str, str | None, str | None]:
+        try:
+            info = api.create_commit(
+                repo_id,
+                operations,
+                commit_message=plan.commit_message(),
+                commit_description=f"Built, evaluated and published by hubquant.\n\n{push_id}",
+                revision=target.revision,
+                create_pr=target.create_pr,
+                parent_commit=parent,
+            )
+        except Exception as exc:
+            if _http_status(exc) == 412:
+                raise _Conflict from None
+            raise
+        return info.oid, info.commit_url, info.pr_url
+
+    def landed() -> tuple[str, str | None, str | None] | None:
+        check = functools.partial(_landed, api, repo_id, target, push_id)
+        return target.retrying(check, what="checking the last commit of", repo_id=repo_id)
+
+    return _retrying(
+        attempt,
+        what="committing to",
+        repo_id=repo_id,
+        endpoint=target.endpoint,
+        progress=target.progress,
+        landed=landed,
+    )
+
+
+def _landed(api: Any, repo_id: str, target: _Target, push_id: str) -> tuple[str, str | None, str | None] | None:
+    """The commit carrying ``push_id`` when it is on the branch (or an open pull request's), else None."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    endpoint = target.endpoint
+    if target.create_pr:
+        refs = api.list_repo_refs(repo_id, include_pull_requests=True).pull_requests or []
+        for ref in refs:
+            if any(push_id in commit.message for commit in api.list_repo_commits(repo_id, revision=ref.ref)[:1]):
+                number = ref.ref.rsplit("/", 1)[-1]
+                url = f"{endpoint}/{repo_id}/commit/{ref.target_commit}"
+                return ref.target_commit, url, f"{endpoint}/{repo_id}/discussions/{number}"
+        return None
+    try:
+        recent = api.list_repo_commits(repo_id, revision=target.revision or "main")[:20]
+    except RevisionNotFoundError:
+        return None
+    for commit in recent:
+        if push_id in commit.message:
+            return commit.commit_id, f"{endpoint}/{repo_id}/commit/{commit.commit_id}", None
+    return None
+
+
+def _remote_files(api: Any, repo_id: str, revision: str | None) -> tuple[str | None, dict[str, tuple[str | None, str]]]:
+    """The branch's head commit, and path → (LFS sha256 or None, git blob id) of every file it holds.
+
+    The files are listed at that very commit, so the plan and the ``parent_commit`` agree.
+    """
     from huggingface_hub.errors import RevisionNotFoundError
     from huggingface_hub.hf_api import RepoFile
 
     try:
-        entries = list(api.list_repo_tree(repo_id, recursive=True, revision=revision))
+        head = api.model_info(repo_id, revision=revision).sha
+        entries = list(api.list_repo_tree(repo_id, recursive=True, revision=head or revision))
     except RevisionNotFoundError:
-        return {}  # a new branch: everything is new
-    return {
+        return None, {}  # a new branch: everything is new
+    return head, {
         e.path: ((e.lfs or {}).get("sha256") if isinstance(e.lfs, dict) else getattr(e.lfs, "sha256", None), e.blob_id)
         for e in entries
         if isinstance(e, RepoFile)

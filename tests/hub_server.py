@@ -10,14 +10,27 @@ reads) and collections. Errors carry the ``X-Error-Code`` headers the client map
 exception classes. The client must run with Xet disabled (``HF_HUB_DISABLE_XET``): this server
 offers only the basic LFS transfer.
 
-A test can make any call fail (``server.fail("POST", r"/commit/", status=500)``), and reads every
-request the server saw in ``server.calls`` (method, path, bytes received).
+The commit log (``commits/{revision}``) and refs (``refs?include_prs=1``) answer what the client's
+``list_repo_commits`` and ``list_repo_refs`` read, so a client can look for its own commit.
+
+Faults a test can inject:
+- any call fails (``server.fail("POST", r"/commit/", status=500)``; 599 drops the connection
+  before the call is handled; 598 handles it — a commit lands — and then drops the connection,
+  as a Hub does when its answer is lost on the way back);
+- another writer acts first (``server.before("POST", r"/commit/", action)``: ``action(server)``
+  runs just before the matching call is handled, e.g. ``server.commit_directly(...)``);
+- LFS uploads are authorised per repo: the batch answer's upload link is signed for that repo and
+  object, an unsigned or foreign link is refused (403), and a commit may only reference objects
+  uploaded to its own repo (objects held for another repo are not offered as already present).
+
+``server.calls`` holds every request the server saw (method, path, bytes received).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import re
 import threading
@@ -75,6 +88,10 @@ class Repo:
     created: float = field(default_factory=time.time)
     #: branch (``main``, ``refs/pr/1``) → list of (commit oid, message, tree)
     branches: dict[str, list[tuple[str, str, dict[str, StoredFile]]]] = field(default_factory=dict)
+    #: commit oid → its whole message (summary, blank line, description)
+    messages: dict[str, str] = field(default_factory=dict)
+    #: LFS objects uploaded to this repo (the bytes live in the server-wide store)
+    lfs_objects: set[str] = field(default_factory=set)
 
     def head(self, revision: str) -> tuple[str, str, dict[str, StoredFile]] | None:
         revision = unquote(revision)
@@ -95,6 +112,8 @@ class HubState:
         self.lfs: dict[str, bytes] = {}
         self.collections: dict[str, dict[str, Any]] = {}
         self.failures: list[dict[str, Any]] = []
+        self.actions: list[dict[str, Any]] = []
+        self.secret = uuid.uuid4().bytes  # signs LFS upload links
         self.calls: list[tuple[str, str, int]] = []
         self.lock = threading.Lock()
 
@@ -104,7 +123,7 @@ class HubServer:
 
     def __init__(self) -> None:
         self.state = HubState()
-        handler = type("Handler", (_Handler,), {"state": self.state})
+        handler = type("Handler", (_Handler,), {"state": self.state, "server_ref": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -141,6 +160,24 @@ class HubServer:
             }
         )
 
+    def before(self, method: str, path_pattern: str, action: Any, *, times: int = 1) -> None:
+        """Run ``action(server)`` just before the next ``times`` matching calls are handled."""
+        self.state.actions.append(
+            {"method": method, "pattern": re.compile(path_pattern), "action": action, "times": times}
+        )
+
+    def commit_directly(self, repo_id: str, files: dict[str, bytes], *, message: str = "another writer") -> str:
+        """Commit regular files to ``main`` as someone else would (called with the server's lock held)."""
+        repo = self.state.repos[repo_id]
+        oid, _, tree = repo.head("main")
+        new_oid = hashlib.sha1(oid.encode() + json.dumps(sorted(files)).encode() + uuid.uuid4().bytes).hexdigest()
+        repo.branches["main"].append((new_oid, message, {**tree, **{p: _regular(d) for p, d in files.items()}}))
+        repo.messages[new_oid] = message
+        return new_oid
+
+    def pull_requests(self, repo_id: str) -> list[str]:
+        return sorted(name for name in self.state.repos[repo_id].branches if name.startswith("refs/pr/"))
+
     @property
     def calls(self) -> list[tuple[str, str, int]]:
         return list(self.state.calls)
@@ -166,7 +203,9 @@ class HubServer:
 class _Handler(BaseHTTPRequestHandler):
     state: HubState
     base_url: str
+    server_ref: HubServer
     protocol_version = "HTTP/1.1"
+    _drop_answer = False
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
         pass
@@ -197,6 +236,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw: bytes | None = None,
         head: bool = False,
     ) -> None:
+        if self._drop_answer:
+            return self._drop()
         body = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
@@ -250,15 +291,21 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path, query = url.path, parse_qs(url.query)
         body = self._body() if method in ("POST", "PUT", "DELETE") else b""
+        self._drop_answer = False
         with self.state.lock:
             self.state.calls.append((method, path, len(body)))
+            for action in self.state.actions:
+                if action["times"] > 0 and action["method"] == method and action["pattern"].search(path):
+                    action["times"] -= 1
+                    action["action"](self.server_ref)
             for failure in self.state.failures:
                 if failure["times"] > 0 and failure["method"] == method and failure["pattern"].search(path):
                     failure["times"] -= 1
                     if failure["status"] == 599:
-                        self.close_connection = True
-                        self.connection.shutdown(2)
-                        return
+                        return self._drop()
+                    if failure["status"] == 598:
+                        self._drop_answer = True  # handle the call, then lose the answer
+                        break
                     return self._error(failure["status"], failure["message"])
         for pattern, handler_method, name in ROUTES:
             match = re.fullmatch(pattern, path)
@@ -267,6 +314,10 @@ class _Handler(BaseHTTPRequestHandler):
                 with self.state.lock:
                     return getattr(self, name)(*groups, query=query, body=body)
         self._error(404, f"no route for {method} {path}")
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        self.connection.shutdown(2)
 
     def do_GET(self) -> None:  # noqa: N802
         self._dispatch("GET")
@@ -394,23 +445,42 @@ class _Handler(BaseHTTPRequestHandler):
         objects = []
         for obj in payload["objects"]:
             entry: dict[str, Any] = {"oid": obj["oid"], "size": obj["size"]}
-            if obj["oid"] not in self.state.lfs:
+            if obj["oid"] not in repo.lfs_objects:  # held for another repo counts as absent here
+                link = f"repo={repo_id}&sig={self._signature(repo_id, obj['oid'])}"
                 entry["actions"] = {
-                    "upload": {"href": f"{self.base_url}/lfs-upload/{obj['oid']}"},
-                    "verify": {"href": f"{self.base_url}/lfs-verify/{obj['oid']}"},
+                    "upload": {"href": f"{self.base_url}/lfs-upload/{obj['oid']}?{link}"},
+                    "verify": {"href": f"{self.base_url}/lfs-verify/{obj['oid']}?{link}"},
                 }
             objects.append(entry)
         self._send(200, {"transfer": "basic", "objects": objects})
 
+    def _signature(self, repo_id: str, oid: str) -> str:
+        return hmac.new(self.state.secret, f"{repo_id}\0{oid}".encode(), hashlib.sha256).hexdigest()
+
+    def _signed_repo(self, oid: str, query: dict) -> Repo | None:
+        """The repo an LFS link was signed for, or None after answering 403."""
+        repo_id, signature = (query.get("repo") or [""])[0], (query.get("sig") or [""])[0]
+        if not (repo_id in self.state.repos and hmac.compare_digest(signature, self._signature(repo_id, oid))):
+            self._error(403, "this upload link is not signed for this object and repo")
+            return None
+        return self.state.repos[repo_id]
+
     def lfs_upload(self, oid: str, *, query: dict, body: bytes) -> None:
+        repo = self._signed_repo(oid, query)
+        if repo is None:
+            return
         if hashlib.sha256(body).hexdigest() != oid:
             return self._error(400, "content does not match the oid")
         self.state.lfs[oid] = body
+        repo.lfs_objects.add(oid)
         self._send(200, {})
 
     def lfs_verify(self, oid: str, *, query: dict, body: bytes) -> None:
+        repo = self._signed_repo(oid, query)
+        if repo is None:
+            return
         payload = json.loads(body)
-        if oid not in self.state.lfs or len(self.state.lfs[oid]) != payload["size"]:
+        if oid not in repo.lfs_objects or len(self.state.lfs[oid]) != payload["size"]:
             return self._error(404, "object not found")
         self._send(200, {})
 
@@ -433,8 +503,8 @@ class _Handler(BaseHTTPRequestHandler):
             if line["key"] == "file":
                 tree[value["path"]] = _regular(base64.b64decode(value["content"]))
             elif line["key"] == "lfsFile":
-                if value["oid"] not in self.state.lfs:
-                    return self._error(422, f"LFS file {value['path']} was not uploaded")
+                if value["oid"] not in repo.lfs_objects:
+                    return self._error(422, f"LFS file {value['path']} was not uploaded to {repo_id}")
                 tree[value["path"]] = StoredFile(None, len(self.state.lfs[value["oid"]]), value["oid"], True)
             elif line["key"] == "deletedFile":
                 if value["path"] not in tree:
@@ -446,6 +516,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(400, f"unknown key {line['key']}")
         oid = hashlib.sha1(json.dumps([head[0], header, sorted(tree)]).encode() + uuid.uuid4().bytes).hexdigest()
         result = {"commitOid": oid, "commitUrl": f"{self.base_url}/{repo_id}/commit/{oid}"}
+        description = header.get("description") or ""
+        repo.messages[oid] = header["summary"] + (f"\n\n{description}" if description else "")
         if query.get("create_pr") == ["1"]:
             number = 1 + sum(1 for name in repo.branches if name.startswith("refs/pr/"))
             repo.branches[f"refs/pr/{number}"] = [head, (oid, header["summary"], tree)]
@@ -453,6 +525,36 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             repo.branches.setdefault(unquote(revision), []).append((oid, header["summary"], tree))
         self._send(200, result)
+
+    def commits(self, repo_id: str, revision: str, *, query: dict, body: bytes) -> None:
+        """The commit log of a branch, newest first (one page: the client follows no Link header)."""
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        branch = unquote(revision)
+        if branch not in repo.branches:
+            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        date = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(repo.created))
+        log = []
+        for oid, summary, _ in reversed(repo.branches[branch]):
+            message = repo.messages.get(oid, summary)
+            log.append({"id": oid, "title": summary, "message": message, "authors": [], "date": date})
+        self._send(200, log)
+
+    def refs(self, repo_id: str, *, query: dict, body: bytes) -> None:
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        refs: dict[str, list[dict[str, str]]] = {"branches": [], "converts": [], "tags": []}
+        if query.get("include_prs") == ["1"]:
+            refs["pullRequests"] = []
+        for name, log in sorted(repo.branches.items()):
+            if name.startswith("refs/pr/"):
+                if "pullRequests" in refs:
+                    refs["pullRequests"].append({"name": name.split("/")[-1], "ref": name, "targetCommit": log[-1][0]})
+            else:
+                refs["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": log[-1][0]})
+        self._send(200, refs)
 
     def model_info(self, repo_id: str, revision: str | None = None, *, query: dict, body: bytes) -> None:
         repo = self._repo(repo_id)
@@ -653,6 +755,8 @@ ROUTES = [
     (r"/lfs-upload/([0-9a-f]{64})", "PUT", "lfs_upload"),
     (r"/lfs-verify/([0-9a-f]{64})", "POST", "lfs_verify"),
     (rf"/api/models/{_REPO}/commit/(.+)", "POST", "commit"),
+    (rf"/api/models/{_REPO}/commits/(.+)", "GET", "commits"),
+    (rf"/api/models/{_REPO}/refs", "GET", "refs"),
     (r"/api/models", "GET", "list_models"),
     (rf"/api/models/{_REPO}", "GET", "model_info"),
     (rf"/api/models/{_REPO}/revision/(.+)", "GET", "model_info"),

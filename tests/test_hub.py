@@ -237,3 +237,69 @@ def _run_of(artifact: str) -> str:
 
     manifest = json.loads((Path(artifact) / "manifest.json").read_text())
     return tracking.variant_runs(tracking.tracking_uri(), [manifest["cache_key"]])[manifest["cache_key"]]
+
+
+def test_a_lost_answer_a_concurrent_writer_and_a_refusal_never_duplicate_or_overwrite(
+    four_formats: list[Path], hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.setenv("HF_TOKEN", hub.add_user(NAMESPACE, orgs=("phi-org",)))
+    by_format = {p.name.split("-")[0]: str(p) for p in four_formats}
+
+    # The commit is applied, then its answer is lost: the retry finds it instead of committing again.
+    hub.fail("POST", r"/commit/", status=598, times=1)
+    code, _, err = _push(by_format["gguf"])
+    assert code == 0 and "landed although its answer was lost" in err, err
+    assert len(hub.commits(f"{NAMESPACE}/tiny-phi3-GGUF")) == 2, hub.commits(f"{NAMESPACE}/tiny-phi3-GGUF")
+
+    # The same with --create-pr: one pull request, not two.
+    hub.fail("POST", r"/commit/", status=598, times=1)
+    result = _json_push(by_format["onnx"], "--create-pr")
+    assert hub.pull_requests(f"{NAMESPACE}/tiny-phi3-onnx") == ["refs/pr/1"]
+    assert result["repos"][0]["pr_url"].endswith("/discussions/1"), result
+
+    # Someone commits between hubquant's listing and its commit, adding a file and changing one that
+    # hubquant's plan took as unchanged: the Hub refuses the commit (412), hubquant plans again on the
+    # new head, so the repo ends with hubquant's files as they are and the other writer's new file.
+    repo = f"{NAMESPACE}/tiny-phi3-int4-ov"
+    code, _, err = _push(by_format["openvino"])
+    assert code == 0, err
+    model_xml = Path(by_format["openvino"]) / "openvino_model.xml"
+    assert hub.files(repo)["openvino_model.xml"] == model_xml.read_bytes()
+    changes = {"NOTES.md": b"hi", "openvino_model.xml": b"<net/>"}
+    hub.before("POST", rf"/api/models/{repo}/commit/", lambda server: server.commit_directly(repo, changes))
+    # Another base model changes only the card, so the first plan sends README.md alone.
+    code, _, err = run_cli("push", by_format["openvino"], "--base-model", "hubquant-tests/other-base", "--no-track")
+    assert code == 0 and "planning again on the new head" in err, err
+    assert hub.commits(repo)[2] == "another writer" and len(hub.commits(repo)) == 4, hub.commits(repo)
+    assert hub.files(repo)["NOTES.md"] == b"hi", "the other writer's file survives"
+    assert hub.files(repo)["openvino_model.xml"] == model_xml.read_bytes(), "not a mix of two writers' files"
+    assert "hubquant-tests/other-base" in hub.files(repo)["README.md"].decode()
+
+    # A refusal (4xx) is reported with the Hub's words and never retried.
+    before = len(hub.calls)
+    hub.fail("POST", r"/commit/", status=422, times=5, message="Your README.md card metadata is invalid")
+    code, _, err = _push(by_format["mlx"])
+    commits = [c for c in hub.calls[before:] if c[0] == "POST" and "/commit/" in c[1]]
+    assert code == 1 and "card metadata is invalid" in err and "could not reach" not in err, err
+    assert len(commits) == 1 and "retrying" not in err, commits
+    hub.state.failures.clear()
+
+    # LFS is authorised per repo: a file held for one repo is uploaded again to another, and an
+    # upload link that was not signed for the repo is refused.
+    puts = sum(1 for c in hub.calls if c[0] == "PUT")
+    code, _, err = _push(by_format["gguf"], "--namespace", "phi-org")
+    assert code == 0, err
+    assert sum(1 for c in hub.calls if c[0] == "PUT") > puts, "the GGUF file was uploaded to phi-org's repo too"
+    assert (
+        hub.files("phi-org/tiny-phi3-GGUF")["tiny-phi3-Q8_0.gguf"]
+        == hub.files(f"{NAMESPACE}/tiny-phi3-GGUF")["tiny-phi3-Q8_0.gguf"]
+    )
+    data = b"not signed"
+    request = urllib.request.Request(f"{hub.url}/lfs-upload/{hashlib.sha256(data).hexdigest()}", data, method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
