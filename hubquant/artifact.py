@@ -220,12 +220,17 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 NEARLY_FULL = 64 << 20
 
 
-def free_bytes(path: Path) -> int:
-    """Free space of the filesystem holding ``path`` (or its closest existing parent)."""
+def existing_parent(path: Path) -> Path:
+    """``path`` itself when it exists, else its closest existing parent."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the filesystem holding ``path`` (or its closest existing parent)."""
+    return shutil.disk_usage(existing_parent(path)).free
 
 
 def is_disk_full(exc: BaseException, where: Path) -> bool:

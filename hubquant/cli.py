@@ -7,16 +7,21 @@ set ``HUBQUANT_DEBUG=1`` to see the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 import click
 
 from hubquant import __version__
 from hubquant.commands import build, measure, publish
 from hubquant.commands.common import debug
-from hubquant.errors import HubquantError, redact
+from hubquant.errors import HubquantError, Terminated, redact
+from hubquant.faults import checkpoint
 
 log = logging.getLogger("hubquant")
 
@@ -74,25 +79,55 @@ for command in (
     cli.add_command(command)
 
 
+@contextlib.contextmanager
+def _signals() -> Iterator[None]:
+    """SIGTERM (how CI cancels a job, after SIGINT) ends the command as Ctrl-C does, exit code 143;
+    a second SIGINT or SIGTERM while hubquant cleans up exits at once. Handlers are put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def force(signum: int, frame: object) -> None:
+        os.write(2, b"hubquant: interrupted again, stopping now\n")
+        os._exit(130 if signum == signal.SIGINT else 143)
+
+    def first(signum: int, frame: object) -> None:
+        for name in handled:
+            signal.signal(name, force)
+        checkpoint("interrupted")
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    # SIGINT ignored on entry (a background job) stays ignored, as the shell asked.
+    handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous = {name: signal.signal(name, first) for name in handled}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(name, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn every expected error into one line and exit code 1."""
     try:
-        cli.main(args=argv, prog_name="hubquant", standalone_mode=False)
+        with _signals():
+            cli.main(args=argv, prog_name="hubquant", standalone_mode=False)
     except HubquantError as exc:
         if debug():
             raise
         hint = f" — {exc.hint}" if exc.hint else ""
         click.echo(f"hubquant: error: {exc.message}{hint}", err=True)
         raise SystemExit(1) from None
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # click turns the interrupt into Abort; the signal behind it decides the exit code.
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            click.echo("hubquant: terminated (SIGTERM); children stopped, nothing half-written kept", err=True)
+            raise SystemExit(143) from None
         click.echo("hubquant: interrupted", err=True)
         raise SystemExit(130) from None
     except click.ClickException as exc:
         exc.show()
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        click.echo("hubquant: interrupted", err=True)
-        raise SystemExit(130) from None
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - last resort: a bug, shown without a wall of traceback

@@ -126,6 +126,11 @@ class TrackingError(HubquantError, ConnectionError):
     """The MLflow tracking store cannot be used."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every clean-up Ctrl-C runs runs for it too
+    (children stopped, staging folders removed, MLflow runs KILLED); the command exits 143."""
+
+
 class FaultInjected(HubquantError, RuntimeError):
     """Raised at a stage named by ``HUBQUANT_FAULT=raise:STAGE`` (fault-injection tests only)."""
 

@@ -4,9 +4,10 @@
 ``$HUBQUANT_FAULT_DIR/STAGE.reached`` (holding its pid) and wait there — at most
 ``HUBQUANT_FAULT_WAIT`` seconds (60) — so a test can send SIGINT or SIGTERM exactly during that
 stage. ``HUBQUANT_FAULT=raise:STAGE`` raises :class:`FaultInjected` there. Unset, every checkpoint
-is a dictionary lookup and nothing else.
+is a dictionary lookup and nothing else. Several stages: ``pause:gguf-converting,pause:interrupted``.
 
-Stages: ``gguf-converting``, ``gguf-quantizing``.
+Stages: ``gguf-converting``, ``gguf-quantizing``, ``interrupted`` (the first SIGINT/SIGTERM was
+received and the clean-up is about to start: a second signal there must end hubquant at once).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ def checkpoint(stage: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    action, _, where = spec.partition(":")
-    if where != stage:
+    actions = [action for action, _, where in (item.partition(":") for item in spec.split(",")) if where == stage]
+    if not actions:
         return
+    action = actions[0]
     if action == "raise":
         raise FaultInjected(f"fault injected at {stage}", hint=f"unset {ENV}")
     if action == "pause":

@@ -37,6 +37,7 @@ from hubquant.artifact import (
 from hubquant.errors import ExportError, HubquantError
 from hubquant.exporters import get_exporter
 from hubquant.exporters.base import Exporter, ExportJob, Progress
+from hubquant.preflight import check_disk, temporary_bytes, variant_bytes
 from hubquant.recipe import Recipe, VariantSpec
 from hubquant.source import SourceModel, resolve_source
 
@@ -160,6 +161,9 @@ def quantize(
     if check_finite(source):
         say(f"source: no NaN or infinite weights in {len(source.weight_files)} file(s) (checked once per source)")
     output = Path(recipe.output)
+    plan = check_disk(source, recipe.variants, output, recipe.scratch)
+    if plan is not None:
+        say(f"disk: this run needs {plan.describe()} (estimated; checked against the free space)")
     tracker = _open_tracker(source, tracking, recipe.experiment)
     with contextlib.ExitStack() as stack:
         if tracker is not None:
@@ -265,7 +269,8 @@ def _export_format(
                 except OSError as exc:
                     error = exc
             discard_staging_folder(job.folder)
-            need = _estimated_bytes(source, exporter, spec) - free_bytes(item.target.parent)
+            need = variant_bytes(source, exporter, spec) + temporary_bytes(source, exporter)
+            need -= free_bytes(item.target.parent)
             outcomes[item.index] = VariantResult(
                 spec=spec, error=_as_export_error(error, spec, where=item.target.parent, need=need)
             )
@@ -294,13 +299,6 @@ def _finish(item: _Job, source: SourceModel, tools: dict[str, str]) -> VariantRe
     return VariantResult(
         spec=item.spec, artifact=Artifact(path=item.target, manifest=manifest, warnings=list(job.warnings))
     )
-
-
-def _estimated_bytes(source: SourceModel, exporter: Exporter, spec: VariantSpec) -> int:
-    """Rough disk a variant needs: its own size plus the exporter's temporaries, from the source's bytes."""
-    weight_bytes = sum((source.path / name).stat().st_size for name in source.weight_files)
-    source_bits = 32 if source.dtype == "float32" else 16
-    return int(weight_bytes * (exporter.scratch_share + exporter.bits(spec.precision) / source_bits))
 
 
 @dataclass

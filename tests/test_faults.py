@@ -20,9 +20,11 @@ from conftest import run_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _paused_quantize(model: Path, out: Path, marker_dir: Path, *precisions: str) -> subprocess.Popen:
+def _paused_quantize(
+    model: Path, out: Path, marker_dir: Path, *precisions: str, fault: str = "pause:gguf-converting"
+) -> subprocess.Popen:
     """A ``hubquant quantize`` that waits at the start of conversion until it is signalled (60 s at most)."""
-    env = {**os.environ, "HUBQUANT_FAULT": "pause:gguf-converting", "HUBQUANT_FAULT_DIR": str(marker_dir)}
+    env = {**os.environ, "HUBQUANT_FAULT": fault, "HUBQUANT_FAULT_DIR": str(marker_dir)}
     flags = [f for p in precisions for f in ("--precision", p)]
     process = subprocess.Popen(
         [sys.executable, "-m", "hubquant.cli", "quantize", str(model), *flags, "--output", str(out), "--no-track"],
@@ -31,13 +33,28 @@ def _paused_quantize(model: Path, out: Path, marker_dir: Path, *precisions: str)
         env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    marker = marker_dir / "gguf-converting.reached"
-    for _ in range(1200):  # bounded: the child reaches the stage, or ends
+    _wait_for(marker_dir / "gguf-converting.reached", process)
+    return process
+
+
+def _wait_for(marker: Path, process: subprocess.Popen) -> None:
+    """Until the child has reached the stage whose marker this is (bounded: 120 s, or the child ends)."""
+    for _ in range(1200):
         if marker.is_file() or process.poll() is not None:
             break
         time.sleep(0.1)
     assert marker.is_file(), process.communicate(timeout=120)[1]
-    return process
+
+
+@pytest.mark.slow
+def test_a_second_signal_during_the_clean_up_ends_hubquant_at_once(untrained_phi3: Path, tmp_path: Path) -> None:
+    fault = "pause:gguf-converting,pause:interrupted"
+    process = _paused_quantize(untrained_phi3, tmp_path / "out", tmp_path, "Q8_0", fault=fault)
+    process.send_signal(signal.SIGTERM)
+    _wait_for(tmp_path / "interrupted.reached", process)  # the first signal was taken; clean-up is next
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 143 and "interrupted again, stopping now" in err, err
 
 
 @pytest.mark.slow
@@ -167,6 +184,31 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], check=False)  # detach now, free when the last file closes
 
 
+def test_a_run_that_cannot_fit_is_refused_before_any_work(untrained_phi3: Path, small_disk: Path) -> None:
+    out = small_disk / "out"
+    code, _, err = run_cli(
+        "quantize", str(untrained_phi3), "--precision", "Q8_0", "--precision", "Q4_K_M", "--output", str(out)
+    )
+    assert code == 1 and "Traceback" not in err, err
+    assert f"not enough disk for this run: {out} has 3.1 MB free" in err and "at their peak" in err, err
+    assert "--scratch" in err and not out.exists(), "refused before the output folder (or an MLflow run) exists"
+    # The same run with the intermediates on a disk with room: the outputs alone still do not fit.
+    code, _, err = run_cli(
+        "quantize",
+        str(untrained_phi3),
+        "--precision",
+        "Q8_0",
+        "--precision",
+        "Q4_K_M",
+        "--output",
+        str(out),
+        "--scratch",
+        str(small_disk.parent / "scratch"),
+        "--no-track",
+    )
+    assert code == 1 and "(outputs)" in err and "(intermediates)" in err, err
+
+
 def test_a_full_disk_is_named_and_nothing_is_half_written(untrained_phi3: Path, small_disk: Path) -> None:
     from hubquant.cli import QUIET_ENVIRONMENT
 
@@ -175,6 +217,7 @@ def test_a_full_disk_is_named_and_nothing_is_half_written(untrained_phi3: Path, 
     # this test process happened long ago; and without the quiet variables an earlier in-process run
     # left here, so that hubquant itself must set them.
     env = {k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT}
+    env["HUBQUANT_SKIP_DISK_CHECK"] = "1"  # past the preflight estimate: the write itself runs out of space
     command = ["quantize", str(untrained_phi3), "--precision", "Q8_0", "--precision", "Q4_K_M"]
     completed = subprocess.run(
         [sys.executable, "-m", "hubquant.cli", *command, "--output", str(out), "--no-track"],

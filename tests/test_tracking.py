@@ -180,8 +180,14 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_leaves_killed_runs(untrained_phi3: Path, tmp_path: Path, mlflow_server) -> None:
-    experiment = "hubquant-tests/killed"
+@pytest.mark.parametrize(
+    ("signum", "code", "said"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_ctrl_c_leaves_killed_runs(
+    untrained_phi3: Path, tmp_path: Path, mlflow_server, signum: int, code: int, said: str
+) -> None:
+    """Ctrl-C, and SIGTERM (how CI cancels a job): KILLED runs, the right exit code, nothing left behind."""
+    experiment = f"hubquant-tests/killed-{signum}"
     marker = tmp_path / "gguf-converting.reached"
     env = {
         **os.environ,
@@ -216,13 +222,14 @@ def test_ctrl_c_leaves_killed_runs(untrained_phi3: Path, tmp_path: Path, mlflow_
             break
         time.sleep(0.1)
     assert marker.is_file(), "the conversion stage was never reached: " + process.communicate(timeout=120)[1]
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     rest = process.communicate(timeout=120)[1]
-    assert process.returncode == 130, rest
-    assert "interrupted" in rest and "Traceback" not in rest
+    assert process.returncode == code, rest
+    assert said in rest and "Traceback" not in rest
     runs = _runs(mlflow_server.url, experiment)
     assert {r.info.status for r in runs.values()} == {"KILLED"}
-    assert not (tmp_path / "out" / "gguf-Q4_K_M").exists()
+    left = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
+    assert not [name for name in left if name != ".hubquant-lock"], f"left behind: {left}"
 
 
 def test_unreachable_server(untrained_phi3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
