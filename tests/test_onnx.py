@@ -25,7 +25,8 @@ def _build(model: Path, out: Path, *precisions: str, options: tuple[str, ...] = 
     return quantize_json(model, out, "onnx", *precisions, options=options)
 
 
-def _generate(path: Path) -> str:
+def _generate(path: Path, steps: int = 6) -> tuple[list[int], list[int]]:
+    """Greedy generation in onnxruntime-genai: (prompt ids, the new ids only — never the prompt)."""
     import onnxruntime_genai as og
 
     model = og.Model(str(path))
@@ -33,10 +34,28 @@ def _generate(path: Path) -> str:
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=64, do_sample=False)
     generator = og.Generator(model, params)
-    generator.append_tokens(tokenizer.encode("A list keeps items"))
-    for _ in range(6):
+    prompt = [int(i) for i in tokenizer.encode("A list keeps items")]
+    generator.append_tokens(prompt)
+    for _ in range(steps):
+        if generator.is_done():
+            break
         generator.generate_next_token()
-    return tokenizer.decode(generator.get_sequence(0))
+    return prompt, [int(i) for i in generator.get_sequence(0)[len(prompt) :]]
+
+
+def _torch_greedy(model: Path, prompt: list[int], steps: int) -> list[int]:
+    reference, ids = TorchRunner(resolve_source(model)), list(prompt)
+    for _ in range(steps):
+        ids.append(int(reference.logits(ids)[-1].argmax()))
+    return ids[len(prompt) :]
+
+
+def _generates(path: Path, model: Path) -> None:
+    """The variant generates new tokens; the unquantized one exactly PyTorch's greedy continuation."""
+    prompt, new = _generate(path)
+    assert new, f"{path.name} generated nothing"
+    if path.name.endswith("fp32"):
+        assert new == _torch_greedy(model, prompt, len(new)), path.name
 
 
 def _kl_and_ppl(model: Path, artifact: Path) -> tuple[float, float, float]:
@@ -62,7 +81,7 @@ def test_phi3_style_cpu_variants(tiny_phi3: Path, tmp_path: Path) -> None:
             p.name for p in path.iterdir()
         }
         assert "<|user|>" in (path / "chat_template.jinja").read_text()
-        assert _generate(path)
+        _generates(path, tiny_phi3)
     ref, fp32, kl_fp32 = _kl_and_ppl(tiny_phi3, paths["onnx-cpu-fp32"])
     assert abs(fp32 - ref) / ref < 0.001 and kl_fp32 < 1e-6
     _, _, kl_int8 = _kl_and_ppl(tiny_phi3, paths["onnx-cpu-int8-rtn-block-32-acc-level-4"])
@@ -78,7 +97,7 @@ def test_phi4_style_and_long_rope(style: str, request: pytest.FixtureRequest, tm
     built += _build(model, tmp_path / "b", "int4", options=("--option", "block_size=128"))
     assert len({a["path"] for a in built}) == 4
     for artifact in built:
-        assert _generate(Path(artifact["path"]))
+        _generates(Path(artifact["path"]), model)
     fp32 = Path(built[2]["path"])
     ref, value, _ = _kl_and_ppl(model, fp32)
     assert abs(value - ref) / ref < 0.001, (ref, value)
