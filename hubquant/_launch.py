@@ -7,8 +7,13 @@ import runpy
 import sys
 
 import hubquant  # noqa: F401 - applies the work-arounds
+from hubquant.faults import checkpoint
+
+#: The fault-injection stage of each tool this launcher runs (``HUBQUANT_FAULT=pause:onnx-building``).
+STAGES = {"onnxruntime_genai.models.builder": "onnx-building"}
 
 if __name__ == "__main__":
     module = sys.argv[1]
+    checkpoint(STAGES.get(module, f"launch-{module}"))
     sys.argv = [module, *sys.argv[2:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from hubquant.child import python_module, run_child
 from hubquant.errors import EvaluationError, HubquantError
+from hubquant.faults import checkpoint
 
 if TYPE_CHECKING:
     import numpy as np
@@ -167,6 +168,7 @@ def run_artifact(job: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.DEBUG if os.environ.get("HUBQUANT_DEBUG") else logging.WARNING)
     job = {**json.loads(Path(argv[0]).read_text()), "started": time.perf_counter()}
+    checkpoint("evaluating")
     try:
         result = run_reference(job) if job["kind"] == "reference" else run_artifact(job)
     except HubquantError as exc:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import HubError, HubquantError, redact
+from hubquant.faults import checkpoint
 from hubquant.repos import RepoPlan
 
 log = logging.getLogger(__name__)
@@ -388,6 +389,7 @@ def _commit(
     repo_id, api = plan.repo_id, target.api
 
     def attempt() -> tuple[str, str | None, str | None]:
+        checkpoint("hub-committing")
         try:
             info = api.create_commit(
                 repo_id,

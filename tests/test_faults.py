@@ -231,3 +231,108 @@ def test_a_full_disk_is_named_and_nothing_is_half_written(untrained_phi3: Path, 
     assert f"disk full writing {out}" in err and "--scratch" in err and "checkpoint is complete" not in err, err
     assert "Writing:" not in err, "no third-party progress bar after the error"
     assert not out.exists() or not any(out.iterdir()), "nothing half-written"
+
+
+#: Build stages a signal must stop cleanly: the command that reaches each (format, precision).
+BUILD_STAGES = {
+    "gguf-converting": ("gguf", "Q8_0"),
+    "gguf-quantizing": ("gguf", "Q4_K_M"),
+    "onnx-prequantizing": ("onnx", "int4"),
+    "onnx-building": ("onnx", "int4"),
+    "openvino-exporting": ("openvino", "int4"),
+}
+
+
+def _interrupt_at(stage: str, command: list[str], tmp_path: Path, signum: int = signal.SIGINT) -> dict:
+    """Run ``hubquant COMMAND`` paused at ``stage``, signal hubquant there; how it ended."""
+    env = {**os.environ, "HUBQUANT_FAULT": f"pause:{stage}", "HUBQUANT_FAULT_DIR": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hubquant.cli", *command],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    _wait_for(tmp_path / f"{stage}.reached", process)
+    holder = int((tmp_path / f"{stage}.reached").read_text())  # hubquant itself, or the child at that stage
+    started = time.monotonic()
+    process.send_signal(signum)
+    err = process.communicate(timeout=120)[1]
+    seconds = time.monotonic() - started
+    child_alive = holder != process.pid and _alive(holder)
+    print(f"\n{stage}: exit {process.returncode} in {seconds:.2f} s (paused in pid {holder}, hubquant {process.pid})")
+    return {"code": process.returncode, "err": err, "seconds": seconds, "child_alive": child_alive}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _left_in(out: Path) -> list[str]:
+    """What a stopped run left in its output folder (the lock file, kept for the next run, aside)."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name != ".hubquant-lock") if out.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", sorted(BUILD_STAGES))
+def test_interrupted_at_every_build_stage(stage: str, untrained_phi3: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    fmt, precision = BUILD_STAGES[stage]
+    out = tmp_path / "out"
+    command = ["quantize", str(untrained_phi3), "--format", fmt, "--precision", precision, "--output", str(out)]
+    ended = _interrupt_at(stage, command, tmp_path)
+    assert ended["code"] == 130 and "interrupted" in ended["err"] and "Traceback" not in ended["err"], ended["err"]
+    assert not ended["child_alive"], "the child working at that stage was stopped with hubquant"
+    assert ended["seconds"] < 30, f"stopped in {ended['seconds']:.1f} s"
+    assert _left_in(out) == [], "nothing half-written, no temporaries"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+
+
+@pytest.mark.slow
+def test_interrupted_while_evaluating_stops_the_evaluation_child(untrained_phi3: Path, tmp_path: Path) -> None:
+    code, stdout, err = run_cli(
+        "quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "out"), "--json"
+    )
+    assert code == 0, err
+    artifact = json.loads(stdout)[0]["path"]
+    command = ["eval", artifact, "--context", "64", "--max-windows", "1", "--no-fidelity"]
+    ended = _interrupt_at("evaluating", command, tmp_path)
+    assert ended["code"] == 130 and "Traceback" not in ended["err"], ended["err"]
+    assert not ended["child_alive"], "the evaluation child was stopped with hubquant"
+    assert not (Path(artifact) / "eval.json").exists(), "no evaluation recorded from a stopped run"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert "RUNNING" not in {r.info.status for r in runs}, [(r.info.run_name, r.info.status) for r in runs]
+
+
+@pytest.mark.slow
+def test_interrupted_before_the_hub_commit_leaves_the_repo_as_it_was(
+    untrained_phi3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hub_server import HubServer
+
+    code, stdout, err = run_cli(
+        "quantize", str(untrained_phi3), "--precision", "Q8_0", "--output", str(tmp_path / "out"), "--json"
+    )
+    assert code == 0, err
+    artifact = json.loads(stdout)[0]["path"]
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_TOKEN", hub.add_user("alice"))
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        command = ["push", artifact, "--namespace", "alice", "--base-model", "hubquant-tests/tiny", "--no-track"]
+        ended = _interrupt_at("hub-committing", command, tmp_path, signal.SIGTERM)
+        assert ended["code"] == 143 and "Traceback" not in ended["err"], ended["err"]
+        (repo,) = hub.state.repos
+        assert hub.commits(repo) == ["initial commit"], "no commit, no half commit"

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from hubquant.faults import checkpoint
 from hubquant.safetensors_io import StreamingWriter, checkpoint_files, read_float32, read_header, read_raw
 
 #: Decoder weights the builder turns into MatMulNBits (Phi-3/3.5/4/4-mini naming).
@@ -262,6 +263,7 @@ def write_prequantized(
     source: Path, output: Path, *, bits: int, block_size: int, symmetric: bool, algo: str, workers: int = 0, log=print
 ) -> dict[str, Any]:
     """Write the olive-format checkpoint of ``source`` into ``output`` (an empty or new folder)."""
+    checkpoint("onnx-prequantizing")
     output.mkdir(parents=True, exist_ok=True)
     config = json.loads((source / "config.json").read_text())
     # as rtn_quantize: symmetric RTN writes no zero points

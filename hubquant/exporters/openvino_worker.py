@@ -19,6 +19,7 @@ from typing import Any
 from hubquant.child import say
 from hubquant.errors import ExportError, HubquantError
 from hubquant.exporters.openvino import INT4_OPTIONS, import_optimum_intel
+from hubquant.faults import checkpoint
 
 TASK = "text-generation-with-past"
 #: Files of the exported IR that a compressed variant replaces with its own.
@@ -232,6 +233,7 @@ def _compress_all(plan: dict[str, Any], jobs: list[dict[str, Any]], results: dic
 
 
 def run(plan: dict[str, Any]) -> dict[str, Any]:
+    checkpoint("openvino-exporting")
     import_optimum_intel()
     results: dict[str, Any] = {}
     _export_full_precision(plan["source"], [j for j in plan["jobs"] if j["precision"] in ("fp16", "fp32")], results)
