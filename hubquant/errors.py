@@ -126,6 +126,10 @@ class TrackingError(HubquantError, ConnectionError):
     """The MLflow tracking store cannot be used."""
 
 
+class TrackingLost(TrackingError):
+    """The tracking server stopped answering in the middle of a run."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so that every clean-up Ctrl-C runs runs for it too
     (children stopped, staging folders removed, MLflow runs KILLED); the command exits 143."""

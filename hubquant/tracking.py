@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from hubquant import __version__
 from hubquant.errors import HubquantError, MissingDependencyError, TrackingError, redact
+from hubquant.tracking_link import Link, bounded_retries
 
 if TYPE_CHECKING:
     from hubquant.artifact import Artifact
@@ -75,7 +76,9 @@ class Tracker:
 
     def __init__(self, uri: str, *, experiment: str, source: "SourceModel", new_run: bool = False) -> None:
         self.uri = uri
-        self.client = _client(uri)
+        if uri.startswith(("http://", "https://")):
+            bounded_retries()
+        self.client = Link(_client(uri), uri)
         self.source = source
         self.new_run = new_run
         self.experiment_name = experiment
@@ -250,7 +253,8 @@ class Tracker:
         if eval_json is not None and eval_json.is_file():
             self.client.log_artifact(run_id, str(eval_json))
         mlflow.set_tracking_uri(self.uri)
-        mlflow.log_table(
+        self.client.call(
+            mlflow.log_table,
             {"variant": [row.label], **{k: [v] for k, v in row.metrics.model_dump().items()}},
             artifact_file="eval_table.json",
             run_id=run_id,
@@ -266,7 +270,8 @@ class Tracker:
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
-        model = mlflow.create_external_model(
+        model = self.client.call(
+            mlflow.create_external_model,
             name=name,
             source_run_id=run_id,
             model_type="quantized-llm",
@@ -295,7 +300,7 @@ class Tracker:
             table[key] = [getattr(r.metrics, key) for r in rows]
         table["gate"] = ["passed" if r.gate.passed else "failed" for r in rows]
         table["error"] = [r.error or "" for r in rows]
-        mlflow.log_table(table, artifact_file="comparison.json", run_id=self.parent_id)
+        self.client.call(mlflow.log_table, table, artifact_file="comparison.json", run_id=self.parent_id)
         if plot is not None and plot.is_file():
             self.client.log_artifact(self.parent_id, str(plot))
 
@@ -317,12 +322,15 @@ class Tracker:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         interrupted = kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit))
+        if self.client.lost is not None:
+            return  # nothing can be closed; the error that says so is on its way
         try:
             self.close(interrupted=interrupted, crashed=kind is not None and not interrupted)
-        except Exception:  # noqa: BLE001 - never hide the original error behind a tracking one
+        except Exception as exc:  # noqa: BLE001 - never hide the original error behind a tracking one
             if kind is None:
                 raise
-            log.warning("could not close the MLflow runs", exc_info=True)
+            log.warning("could not close the MLflow runs: %s", getattr(exc, "message", exc))
+            log.debug("closing the MLflow runs", exc_info=True)
 
     @property
     def parent_url(self) -> str:

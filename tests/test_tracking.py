@@ -15,6 +15,8 @@ import pytest
 from conftest import run_cli
 from mlflow_server import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
+
 pytestmark = pytest.mark.slow
 
 FAKE_HF_TOKEN = "hf_FakeTokenForTests0123456789abcdef"
@@ -306,3 +308,61 @@ def test_mlflow_ui_shows_every_variant_with_metrics(
         timeout=120,
     )
     assert screenshot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_server_lost_mid_run_fails_fast_keeps_the_work_and_a_rerun_records_it(
+    untrained_phi3: Path, tmp_path: Path
+) -> None:
+    """The tracking server stops while a variant is being built (a pause at a named stage, then the
+    stage is released): hubquant ends within seconds with one clear error, the variant is kept, and
+    the same command against the server brought back reuses it and records its run."""
+    from mlflow_server import MlflowServer
+
+    store = tmp_path / "store"
+    store.mkdir()
+    server = MlflowServer(store).start()
+    out, marks = tmp_path / "out", tmp_path / "marks"
+    marks.mkdir()
+    command = [sys.executable, "-m", "hubquant.cli", "quantize", str(untrained_phi3), "--precision", "Q8_0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HUBQUANT_FAULT": "pause:gguf-converting"}
+    process = subprocess.Popen(
+        [*command, "--output", str(out), "--experiment", "hubquant-tests/lost"],
+        env={**env, "MLFLOW_TRACKING_URI": server.url, "HUBQUANT_FAULT_DIR": str(marks)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(1200):  # bounded: the child reaches the stage, or ends
+            if (marks / "gguf-converting.reached").is_file() or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (marks / "gguf-converting.reached").is_file(), process.communicate(timeout=120)[1]
+        server.stop()
+        released = time.monotonic()
+        (marks / "gguf-converting.release").write_text("")
+        err = process.communicate(timeout=300)[1]
+    finally:
+        server.stop()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1 and "Traceback" not in err and "internal error" not in err, err
+    assert "lost the MLflow tracking server" in err and "run the same command again" in err, err
+    assert time.monotonic() - released < 90, "a dead server is given up on within seconds, not minutes"
+    assert (out / "gguf-Q8_0" / "manifest.json").is_file(), "the finished variant is kept"
+
+    again = MlflowServer(store).start()
+    try:
+        rerun = subprocess.run(
+            [*command, "--output", str(out), "--experiment", "hubquant-tests/lost"],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": again.url},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert rerun.returncode == 0 and "gguf-Q8_0: reusing" in rerun.stderr, rerun.stderr
+        runs = _runs(again.url, "hubquant-tests/lost")
+        assert runs["gguf-Q8_0"].info.status == "FINISHED" and "size_bytes" in runs["gguf-Q8_0"].data.metrics
+        assert len(runs) == 2, "the same parent and variant runs, not new ones"
+    finally:
+        again.stop()
