@@ -11,6 +11,7 @@ nothing else.
 Stages (the process that reaches each: hubquant's own, or the child named):
 
 - ``gguf-converting``, ``gguf-quantizing`` — llama.cpp's converter and quantizer (in-process);
+  ``llama-quantizing`` — inside ``llama_model_quantize`` itself (its first log line);
 - ``onnx-prequantizing`` — the child writing the prequantized checkpoint; ``onnx-building`` — the
   child running onnxruntime-genai's builder;
 - ``openvino-exporting`` — the OpenVINO worker child (export, then NNCF compression);

@@ -237,6 +237,7 @@ def test_a_full_disk_is_named_and_nothing_is_half_written(untrained_phi3: Path, 
 BUILD_STAGES = {
     "gguf-converting": ("gguf", "Q8_0"),
     "gguf-quantizing": ("gguf", "Q4_K_M"),
+    "llama-quantizing": ("gguf", "Q4_K_M"),  # inside llama.cpp's C call
     "onnx-prequantizing": ("onnx", "int4"),
     "onnx-building": ("onnx", "int4"),
     "openvino-exporting": ("openvino", "int4"),

@@ -17,8 +17,9 @@ import importlib.util
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,6 +198,7 @@ def route_llama_logs() -> None:
         line = text.decode("utf-8", errors="replace").rstrip()
         _RECENT_LOG.append(line)
         llama_log.debug(line)
+        checkpoint("llama-quantizing")  # inside llama.cpp's own call (tests pause here)
 
     _LOG_CALLBACK = _callback
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
@@ -251,7 +253,9 @@ def quantize(
     keep_alive = _attach_imatrix(params, imatrix) if imatrix else []
     started = time.perf_counter()
     _RECENT_LOG.clear()
-    status = llama_cpp.llama_model_quantize(str(intermediate).encode(), str(output).encode(), ctypes.byref(params))
+    status = _responsive(
+        lambda: llama_cpp.llama_model_quantize(str(intermediate).encode(), str(output).encode(), ctypes.byref(params))
+    )
     if status != 0 or not output.is_file():
         logged = " ".join(_RECENT_LOG)
         if "requires an imatrix" in logged or "importance matrix" in logged:
@@ -271,6 +275,27 @@ def quantize(
     del keep_alive
     log.info("gguf %s: quantized in %.1f s", precision, time.perf_counter() - started)
     return output
+
+
+def _responsive(call: Callable[[], int]) -> int:
+    """Run a long C call in a worker thread while the main thread waits, so SIGINT/SIGTERM are acted on at
+    once (Python runs signal handlers only in the main thread, and only between its own bytecodes: a C call
+    in the main thread would hold them for minutes). Interrupted, the call is abandoned with the process."""
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def fallback_tensors(path: Path) -> list[tuple[str, str, int]]:
