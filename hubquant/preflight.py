@@ -13,6 +13,7 @@ estimate exceeds the free space; ``HUBQUANT_SKIP_DISK_CHECK=1`` skips the check.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,15 +90,18 @@ def check_disk(source: SourceModel, specs: list[VariantSpec], output: Path, scra
     Raises:
         OutputError: naming both numbers, per filesystem.
     """
-    from hubquant.artifact import free_bytes
+    from hubquant.artifact import existing_parent
 
     if os.environ.get(SKIP_ENV) == "1":
         return None
     plan = plan_disk(source, specs, output, scratch)
     needs = [(output, plan.output_peak)] + ([] if plan.same_filesystem else [(scratch, plan.scratch_peak)])
     for where, need in needs:
-        free = free_bytes(where)
-        if where is not None and need > free:
+        usage = shutil.disk_usage(existing_parent(where))
+        if usage.total == 0:
+            continue  # not a disk (/proc, some FUSE mounts): the write itself will say what is wrong
+        free = usage.free
+        if need > free:
             what = "the outputs and intermediates" if plan.same_filesystem else "this part of the run"
             raise OutputError(
                 f"not enough disk for this run: {where} has {human_size(free)} free, {what} need {plan.describe()}",
