@@ -95,6 +95,18 @@ def model_copy(tmp_path: Path, untrained_phi3: Path):
     return make
 
 
+def wait_for_stage(marker: Path, process) -> None:
+    """Until a child paused by ``HUBQUANT_FAULT=pause:STAGE`` has written ``STAGE.reached`` (bounded:
+    120 s, or the child ends): signals are sent at a named stage, never after a sleep."""
+    import time
+
+    for _ in range(1200):
+        if marker.is_file() or process.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert marker.is_file(), f"{marker.stem} never reached: " + process.communicate(timeout=120)[1]
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run ``hubquant`` in-process through its real entry point; return (exit code, stdout, stderr)."""
     import contextlib

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, wait_for_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,17 +33,8 @@ def _paused_quantize(
         env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    _wait_for(marker_dir / "gguf-converting.reached", process)
+    wait_for_stage(marker_dir / "gguf-converting.reached", process)
     return process
-
-
-def _wait_for(marker: Path, process: subprocess.Popen) -> None:
-    """Until the child has reached the stage whose marker this is (bounded: 120 s, or the child ends)."""
-    for _ in range(1200):
-        if marker.is_file() or process.poll() is not None:
-            break
-        time.sleep(0.1)
-    assert marker.is_file(), process.communicate(timeout=120)[1]
 
 
 @pytest.mark.slow
@@ -51,7 +42,7 @@ def test_a_second_signal_during_the_clean_up_ends_hubquant_at_once(untrained_phi
     fault = "pause:gguf-converting,pause:interrupted"
     process = _paused_quantize(untrained_phi3, tmp_path / "out", tmp_path, "Q8_0", fault=fault)
     process.send_signal(signal.SIGTERM)
-    _wait_for(tmp_path / "interrupted.reached", process)  # the first signal was taken; clean-up is next
+    wait_for_stage(tmp_path / "interrupted.reached", process)  # the first signal was taken; clean-up is next
     process.send_signal(signal.SIGTERM)
     err = process.communicate(timeout=60)[1]
     assert process.returncode == 143 and "interrupted again, stopping now" in err, err
@@ -255,7 +246,7 @@ def _interrupt_at(stage: str, command: list[str], tmp_path: Path, signum: int = 
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    _wait_for(tmp_path / f"{stage}.reached", process)
+    wait_for_stage(tmp_path / f"{stage}.reached", process)
     holder = int((tmp_path / f"{stage}.reached").read_text())  # hubquant itself, or the child at that stage
     started = time.monotonic()
     process.send_signal(signum)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, wait_for_stage
 from mlflow_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,12 +218,7 @@ def test_ctrl_c_leaves_killed_runs(
         env=env,
         preexec_fn=_default_sigint,
     )
-    # The child pauses at the named stage (bounded: it goes on by itself after 60 s); poll for it.
-    for _ in range(1200):
-        if marker.is_file() or process.poll() is not None:
-            break
-        time.sleep(0.1)
-    assert marker.is_file(), "the conversion stage was never reached: " + process.communicate(timeout=120)[1]
+    wait_for_stage(marker, process)  # the child pauses at the named stage (and goes on by itself after 60 s)
     process.send_signal(signum)
     rest = process.communicate(timeout=120)[1]
     assert process.returncode == code, rest
@@ -333,11 +328,7 @@ def test_a_server_lost_mid_run_fails_fast_keeps_the_work_and_a_rerun_records_it(
         text=True,
     )
     try:
-        for _ in range(1200):  # bounded: the child reaches the stage, or ends
-            if (marks / "gguf-converting.reached").is_file() or process.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert (marks / "gguf-converting.reached").is_file(), process.communicate(timeout=120)[1]
+        wait_for_stage(marks / "gguf-converting.reached", process)
         server.stop()
         released = time.monotonic()
         (marks / "gguf-converting.release").write_text("")
