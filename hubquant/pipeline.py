@@ -37,7 +37,7 @@ from hubquant.artifact import (
 from hubquant.errors import ExportError, HubquantError
 from hubquant.exporters import get_exporter
 from hubquant.exporters.base import Exporter, ExportJob, Progress
-from hubquant.preflight import check_disk, temporary_bytes, variant_bytes
+from hubquant.preflight import build_order, check_disk, temporary_bytes, variant_bytes
 from hubquant.recipe import Recipe, VariantSpec
 from hubquant.source import SourceModel, resolve_source
 
@@ -211,7 +211,8 @@ def build_variants(
     outcomes: dict[int, VariantResult] = {}
     runs: dict[int, str] = {}
     exporters = {spec.format: get_exporter(spec.format)() for spec in specs}
-    for fmt, exporter in sorted(exporters.items(), key=lambda item: -item[1].scratch_share):
+    for fmt in build_order(exporters):
+        exporter = exporters[fmt]
         tools = exporter.tool_versions()
         jobs: list[_Job] = []
         for index, spec in enumerate(specs):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
     from hubquant.source import SourceModel
 
 SKIP_ENV = "HUBQUANT_SKIP_DISK_CHECK"
+
+
+def build_order(formats: Iterable[str]) -> list[str]:
+    """The order the pipeline builds formats in: the largest temporaries first (see the module text)."""
+    return sorted(formats, key=lambda fmt: -get_exporter(fmt).scratch_share)
 
 
 def variant_bytes(source: SourceModel, exporter: Exporter, spec: VariantSpec) -> int:
@@ -69,7 +75,7 @@ def plan_disk(source: SourceModel, specs: list[VariantSpec], output: Path, scrat
         exporter = get_exporter(spec.format)()
         if not (output / exporter.folder_name(source, spec.precision, spec.options)).exists():
             formats.setdefault(spec.format, []).append(spec)
-    order = sorted(formats, key=lambda fmt: -get_exporter(fmt).scratch_share)
+    order = build_order(formats)
     same = scratch is None or os.stat(existing_parent(scratch)).st_dev == os.stat(existing_parent(output)).st_dev
     done = peak_together = peak_scratch = 0
     for fmt in order:
