@@ -315,13 +315,18 @@ class Artifact:
         return self.manifest.files
 
     @property
+    def model_files(self) -> list[FileEntry]:
+        """The files a runtime loads (calibration data and other companions excluded), by path."""
+        return [f for f in self.files if f.role == "model"]
+
+    @property
     def size_bytes(self) -> int:
-        """Bytes of the model files (the manifest itself excluded)."""
-        return sum(f.size for f in self.files)
+        """Bytes of the model files (the manifest and companions such as an importance matrix excluded)."""
+        return sum(f.size for f in self.model_files)
 
     def main_file(self) -> FileEntry:
-        """The largest file: the weights a user downloads."""
-        return max(self.files, key=lambda f: f.size)
+        """The largest model file: the weights a user downloads."""
+        return max(self.model_files or self.files, key=lambda f: f.size)
 
     def evaluation(self) -> Evaluation | None:
         """The ``eval.json`` beside the artifact, when it has one of the current schema."""
@@ -354,16 +359,23 @@ def write_manifest(
     shared_seconds: float,
     warnings: list[str],
     settings: dict[str, Any] | None = None,
+    roles: dict[str, str] | None = None,
 ) -> Manifest:
     """Hash every file in ``folder`` and write ``manifest.json``; return the manifest.
 
     ``export_seconds`` is the variant's own step; ``shared_seconds`` the intermediates it needed
-    (built once per run and shared with the other variants of its format).
+    (built once per run and shared with the other variants of its format); ``roles`` marks the files
+    that are not the model (see :attr:`FileEntry.role`).
     """
     from hubquant import __version__
 
     files = [
-        FileEntry(path=path.relative_to(folder).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
+        FileEntry(
+            path=path.relative_to(folder).as_posix(),
+            size=path.stat().st_size,
+            sha256=sha256_file(path),
+            role=(roles or {}).get(path.relative_to(folder).as_posix(), "model"),
+        )
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     ]
     manifest = Manifest(

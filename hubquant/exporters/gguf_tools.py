@@ -4,7 +4,11 @@
   package, in-process: byte-identical to its CLI), then writes a long-rope config's stated attention
   factor where the converter derives its own (:func:`config_mscale`).
 - :func:`quantize` makes every other type with ``llama_cpp.llama_model_quantize``, optionally with an
-  importance matrix from :func:`compute_imatrix`.
+  importance matrix from :func:`compute_imatrix` and per-tensor types (:mod:`gguf_recipes`).
+- Files above a size limit are written in llama.cpp's split format (``-00001-of-0000N.gguf``, loaded
+  from the first shard): by the converter's own writer, and by the quantizer with ``keep_split``.
+- :func:`write_imatrix` saves the importance matrix as ``llama-imatrix`` does (``imatrix.gguf``), so
+  a published variant ships the matrix it was quantized with.
 """
 
 from __future__ import annotations
@@ -13,23 +17,27 @@ import collections
 import contextlib
 import ctypes
 import errno
+import glob
 import importlib.util
+import json
 import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hubquant.errors import ExportError
+from hubquant.errors import ExportError, RecipeError
 from hubquant.faults import checkpoint
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from hubquant.exporters.gguf_recipes import TensorTypes
     from hubquant.source import SourceModel
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,83 @@ CONVERTER_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16",
 
 
 _LEGACY_FALLBACKS = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16", "BF16", "F32"}
+
+#: Below the Hub's 50 GB per-file limit, as GGUF publishers split (Phi-3.5-MoE F16 is about 84 GB).
+DEFAULT_SPLIT_MAX_SIZE = "45G"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes of a size written as llama.cpp's split tools take it: ``45G``, ``500M``, or a byte count.
+
+    K/M/G/T are powers of 1000, as in llama.cpp's ``--split-max-size``.
+
+    Raises:
+        RecipeError: not a positive size.
+    """
+    match = _SIZE.match(str(value))
+    size = int(float(match.group(1)) * 1000 ** " KMGT".index(match.group(2).upper() or " ")) if match else 0
+    if size <= 0:
+        raise RecipeError(
+            f"split_max_size '{value}' is not a size",
+            key="options.split_max_size",
+            hint="write a size such as 45G or 500M (powers of 1000, as llama.cpp's --split-max-size)",
+        )
+    return size
+
+
+def shard_paths(first: Path) -> list[Path]:
+    """Every file of a GGUF model given its first file: the file itself, or all its split shards."""
+    match = _SHARD.match(first.name)
+    if not match:
+        return [first]
+    count = int(match.group("count"))
+    return [first.with_name(f"{match.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def first_shard(paths: list[str]) -> str | None:
+    """The file llama.cpp is given among a model's .gguf files: the single file, or the first shard."""
+    ggufs = sorted(p for p in paths if p.endswith(".gguf"))
+    firsts = [p for p in ggufs if (m := _SHARD.match(Path(p).name)) is None or int(m.group("index")) == 1]
+    return firsts[0] if firsts else None
+
+
+def tensor_names(path: Path) -> set[str]:
+    """Names of every tensor of a GGUF model (all shards), read with gguf-py's reader."""
+    import gguf
+
+    names: set[str] = set()
+    for shard in shard_paths(path):
+        names.update(t.name for t in gguf.GGUFReader(shard).tensors)
+    return names
+
+
+def tensor_types_of(path: Path) -> dict[str, str]:
+    """Tensor name → stored type of a GGUF model (all shards)."""
+    import gguf
+
+    types: dict[str, str] = {}
+    for shard in shard_paths(path):
+        types.update({t.name: t.tensor_type.name for t in gguf.GGUFReader(shard).tensors})
+    return types
+
+
+@lru_cache(maxsize=1)
+def llama_cpp_build() -> str:
+    """The llama.cpp inside llama-cpp-python: ggml's version and the commit it was built from."""
+    try:
+        import llama_cpp
+
+        library = llama_cpp.llama_cpp._lib
+        for name in ("ggml_version", "ggml_commit"):
+            getattr(library, name).restype = ctypes.c_char_p
+        version = library.ggml_version().decode()
+        commit = library.ggml_commit().decode()
+    except (ImportError, AttributeError, OSError) as exc:
+        log.debug("llama.cpp build unknown: %s", exc)
+        return "unknown"
+    return f"ggml {version}, commit {commit}"
 
 
 @lru_cache(maxsize=1)
@@ -77,8 +162,22 @@ def _quiet_converter() -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def convert(source: "SourceModel", output: Path, precision: str, *, pre_tokenizer: str | None = None) -> Path:
-    """Convert the source to one GGUF file with llama.cpp's converter (in-process).
+def convert(
+    source: "SourceModel",
+    output: Path,
+    precision: str,
+    *,
+    pre_tokenizer: str | None = None,
+    split_max_size: int = 0,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Convert the source to GGUF with llama.cpp's converter (in-process); return the first file.
+
+    Args:
+        split_max_size: write shards of at most this many bytes when the model is larger (0: one file);
+            named ``{stem}-00001-of-0000N.gguf`` by the converter's writer.
+        metadata: ``general.*`` keys the converter writes (its ``--metadata`` override file), e.g.
+            ``general.quantized_by``; every type quantized from this file carries them.
 
     Raises:
         ExportError: the converter does not support the model or its vocabulary.
@@ -109,10 +208,21 @@ def convert(source: "SourceModel", output: Path, precision: str, *, pre_tokenize
     ftype = getattr(gguf.LlamaFileType, CONVERTER_TYPES[precision])
     import torch
 
+    override = None
+    if metadata:
+        override = output.with_name(f".{output.stem}-metadata.json")
+        override.write_text(json.dumps(metadata), encoding="utf-8")
     try:
         # inference mode, as the converter's own main() runs it (no autograd bookkeeping per op)
         with _quiet_converter(), torch.inference_mode():
-            model = model_class(source.path, ftype, output, model_name=source.name)
+            model = model_class(
+                source.path,
+                ftype,
+                output,
+                model_name=source.name,
+                metadata_override=override,
+                split_max_size=split_max_size,
+            )
             model.write()
     except NotImplementedError as exc:
         if "pre-tokenizer" in str(exc):
@@ -134,9 +244,14 @@ def convert(source: "SourceModel", output: Path, precision: str, *, pre_tokenize
             precision=precision,
             hint="check that the checkpoint is complete and loads in transformers",
         ) from None
-    _apply_config_mscale(source, output)
-    log.info("gguf %s: converted in %.1f s", precision, time.perf_counter() - started)
-    return output
+    finally:
+        if override is not None:
+            override.unlink(missing_ok=True)
+    shards = sorted(output.parent.glob(f"{glob.escape(output.stem)}-*-of-*.gguf"))
+    first = output if output.is_file() or not shards else shards[0]
+    _apply_config_mscale(source, first)  # the metadata lives in the first shard
+    log.info("gguf %s: converted in %.1f s (%d file(s))", precision, time.perf_counter() - started, len(shards) or 1)
+    return first
 
 
 def config_mscale(config: dict[str, Any]) -> float | None:
@@ -223,21 +338,51 @@ def _attach_imatrix(params: Any, imatrix: dict[str, Any]) -> list[Any]:
     return keep_alive
 
 
+def _attach_tensor_types(params: Any, types: "TensorTypes") -> list[Any]:
+    """Hand llama.cpp the per-tensor types (``tt_overrides`` ends with a null pattern); return what must stay alive."""
+    import gguf
+    import llama_cpp
+
+    def ggml(name: str) -> int:
+        return int(gguf.GGMLQuantizationType[name].value)
+
+    if types.token_embedding_type:
+        params.token_embedding_type = ggml(types.token_embedding_type)
+    if types.output_tensor_type:
+        params.output_tensor_type = ggml(types.output_tensor_type)
+    if not types.overrides:
+        return []
+    entries = (llama_cpp.llama_model_tensor_override * (len(types.overrides) + 1))()
+    keep_alive: list[Any] = [entries]
+    for index, (pattern, kind) in enumerate(types.overrides):
+        encoded = pattern.encode()
+        keep_alive.append(encoded)
+        entries[index].pattern = encoded
+        entries[index].type = ggml(kind)
+    entries[len(types.overrides)].pattern = None
+    params.tt_overrides = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    return keep_alive
+
+
 def quantize(
     intermediate: Path,
     output: Path,
     precision: str,
     *,
     imatrix: dict[str, Any] | None = None,
+    tensor_types: "TensorTypes | None" = None,
+    keep_split: bool = False,
     threads: int | None = None,
 ) -> Path:
-    """Quantize a GGUF file with ``llama_model_quantize``.
+    """Quantize a GGUF model with ``llama_model_quantize``; return the first file written.
 
     Args:
-        intermediate: the F16 (or F32/BF16) GGUF.
-        output: the file to write.
+        intermediate: the F16 (or F32/BF16) GGUF (its first shard when split).
+        output: the file to write (``X.gguf``; with ``keep_split``, ``X-00001-of-0000N.gguf`` …).
         precision: a llama.cpp file type name (``Q4_K_M``).
         imatrix: GGUF tensor name → per-column importance (float32 array), from :func:`compute_imatrix`.
+        tensor_types: token-embedding, output and per-tensor types, passed as llama.cpp's own parameters.
+        keep_split: write as many shards as the intermediate has.
         threads: quantization threads (default: every core).
 
     Raises:
@@ -250,12 +395,18 @@ def quantize(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{precision}")
     params.nthread = threads or os.cpu_count() or 1
+    params.keep_split = keep_split
     keep_alive = _attach_imatrix(params, imatrix) if imatrix else []
+    keep_alive += _attach_tensor_types(params, tensor_types) if tensor_types else []
+    # with keep_split llama.cpp appends -00001-of-0000N.gguf to the name it is given
+    target = output.with_suffix("") if keep_split else output
     started = time.perf_counter()
     _RECENT_LOG.clear()
     status = _responsive(
-        lambda: llama_cpp.llama_model_quantize(str(intermediate).encode(), str(output).encode(), ctypes.byref(params))
+        lambda: llama_cpp.llama_model_quantize(str(intermediate).encode(), str(target).encode(), ctypes.byref(params))
     )
+    if keep_split:
+        output = output.with_name(f"{output.stem}-00001-of-{len(shard_paths(intermediate)):05d}.gguf")
     if status != 0 or not output.is_file():
         logged = " ".join(_RECENT_LOG)
         if "requires an imatrix" in logged or "importance matrix" in logged:
@@ -318,24 +469,92 @@ def fallback_tensors(path: Path) -> list[tuple[str, str, int]]:
 
 
 # -- the importance matrix ---------------------------------------------------------------------
-def compute_imatrix(source: "SourceModel", *, calibration_text: str | None, context: int) -> dict[str, "np.ndarray"]:
-    """Per-column mean of x² at the input of every linear layer, keyed by GGUF tensor name.
+@dataclass
+class ImportanceMatrix:
+    """Sums of x² per input column of every linear layer (GGUF tensor name → float64 array), the
+    number of tokens each saw, and the calibration text they came from."""
+
+    sums: dict[str, "np.ndarray"]
+    counts: dict[str, int]
+    text: str  # the built-in text's name or the file's name
+    sha256: str
+    tokens: int
+    windows: int
+    context: int
+
+    def means(self) -> dict[str, "np.ndarray"]:
+        """What llama_model_quantize takes: the per-column mean of x²."""
+        import numpy as np
+
+        return {name: (self.sums[name] / self.counts[name]).astype(np.float32) for name in self.sums}
+
+    def identity(self, file: str) -> dict[str, Any]:
+        """What the manifest and the card say of it."""
+        return {
+            "file": file,
+            "text": self.text,
+            "sha256": self.sha256,
+            "tokens": self.tokens,
+            "windows": self.windows,
+            "context": self.context,
+        }
+
+
+def write_imatrix(matrix: ImportanceMatrix, path: Path) -> Path:
+    """Save the matrix as ``llama-imatrix`` writes ``imatrix.gguf``: ``general.type = imatrix``, the
+    dataset, chunk count and size, and per tensor ``NAME.in_sum2`` (sums of x²) and ``NAME.counts``."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, arch="imatrix")
+    writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", [matrix.text])
+    writer.add_uint32("imatrix.chunk_count", matrix.windows)
+    writer.add_uint32("imatrix.chunk_size", matrix.context)
+    for name in sorted(matrix.sums):
+        writer.add_tensor(f"{name}.in_sum2", np.asarray(matrix.sums[name], dtype=np.float32).reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.array([[matrix.counts[name]]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def read_imatrix(path: Path) -> dict[str, "np.ndarray"]:
+    """The per-column means stored in an ``imatrix.gguf`` (``in_sum2 / counts``), by GGUF tensor name."""
+    import gguf
+    import numpy as np
+
+    tensors = {t.name: np.array(t.data, dtype=np.float64) for t in gguf.GGUFReader(path).tensors}
+    return {
+        name.removesuffix(".in_sum2"): (data / tensors[name.removesuffix(".in_sum2") + ".counts"].item()).ravel()
+        for name, data in tensors.items()
+        if name.endswith(".in_sum2")
+    }
+
+
+def compute_imatrix(source: "SourceModel", *, calibration_text: str | None, context: int) -> ImportanceMatrix:
+    """Sum of x² per column at the input of every linear layer, keyed by GGUF tensor name.
 
     This is what llama.cpp's ``llama-imatrix`` collects (it runs the GGUF model; we run the
-    PyTorch one over the same text, which agrees to cosine ≥ 0.9999).
+    PyTorch one over the same text, whose means agree to cosine ≥ 0.9999).
 
     Raises:
         ExportError: the calibration text is too short for one window.
     """
+    import hashlib
+
     import gguf
-    import numpy as np
     import torch
     from conversion import ModelType, get_model_architecture, get_model_class
     from transformers import AutoModelForCausalLM
 
-    from hubquant.text import calibration_windows
+    from hubquant.text import BUILTIN_CALIBRATION_TEXT, calibration_windows, read_text
 
     windows = calibration_windows(source.path, calibration_text, context)
+    content = read_text(calibration_text, builtin=BUILTIN_CALIBRATION_TEXT)
     model_arch = get_model_class(get_model_architecture(source.config, ModelType.TEXT)).model_arch
     n_layers = int(source.config.get("num_hidden_layers") or source.config.get("n_layer"))
     names = gguf.get_tensor_name_map(model_arch, n_layers)
@@ -366,4 +585,12 @@ def compute_imatrix(source: "SourceModel", *, calibration_text: str | None, cont
         for handle in handles:
             handle.remove()
     del model
-    return {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
+    return ImportanceMatrix(
+        sums={name: total.numpy() for name, total in sums.items()},
+        counts=counts,
+        text=Path(calibration_text).name if calibration_text else f"hubquant built-in {BUILTIN_CALIBRATION_TEXT}",
+        sha256=hashlib.sha256(content.encode("utf-8")).hexdigest(),
+        tokens=sum(len(window) for window in windows),
+        windows=len(windows),
+        context=context,
+    )

@@ -28,6 +28,8 @@ class ExportJob:
     #: What the tool was actually asked to do when it differs from the options (resolved defaults);
     #: written to the manifest as ``settings``.
     settings: dict[str, Any] | None = None
+    #: Files of the folder that are not the model (path → role, e.g. ``imatrix.gguf`` → ``calibration``).
+    roles: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
