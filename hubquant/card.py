@@ -230,6 +230,18 @@ def _description(plan: RepoPlan, context: CardContext, display_name: str) -> str
     )
 
 
+def variant_notes(plan: RepoPlan) -> list[dict[str, Any]]:
+    """What the table cannot say per variant (tensor types, shards, calibration), from its exporter."""
+    from hubquant.exporters import get_exporter
+
+    notes = []
+    for variant in plan.variants:
+        lines = get_exporter(variant.format).variant_notes(variant.artifact)
+        if lines:
+            notes.append({"label": variant.label, "lines": lines})
+    return notes
+
+
 def _provenance(plan: RepoPlan, context: CardContext) -> list[str]:
     lines = [
         f"{v.label}: MLflow run `{context.mlflow_runs[v.folder]}`"
@@ -269,6 +281,7 @@ def build_card(plan: RepoPlan, context: CardContext) -> ModelCard:
         fidelity=fidelity_line(
             sample.fidelity if sample else None, exporter.display_name, sample.fidelity_note if sample else None
         ),
+        variant_notes=variant_notes(plan),
         device_advice=device_advice([(v.format, v.precision) for v in plan.variants]),
         snippets=exporter.snippets(plan),
         siblings=[

@@ -107,6 +107,14 @@ def wait_for_stage(marker: Path, process) -> None:
     assert marker.is_file(), f"{marker.stem} never reached: " + process.communicate(timeout=120)[1]
 
 
+def missing(what: str) -> None:
+    """A test's tool is absent: skipped on a developer's machine, a failure in CI (``.ci/run`` sets
+    ``HUBQUANT_CI``), where every tool the suite needs is installed and a skip would hide a gap."""
+    if os.environ.get("HUBQUANT_CI"):
+        pytest.fail(f"{what} (required in CI)")
+    pytest.skip(what)
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run ``hubquant`` in-process through its real entry point; return (exit code, stdout, stderr)."""
     import contextlib
@@ -144,3 +152,25 @@ def quantize_json(model: Path, out: Path, fmt: str, *precisions: str, options: t
     )
     assert code == 0, err
     return json.loads(stdout)
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch):
+    """The loopback Hub (tests/hub_server.py) as the huggingface_hub client's endpoint, online, no Xet."""
+    from huggingface_hub import constants
+
+    from hub_server import HubServer
+
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setenv("HUBQUANT_HUB_RETRY_WAIT", "0.05")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield server

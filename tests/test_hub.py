@@ -54,25 +54,6 @@ def four_formats(tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> l
     return paths
 
 
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch):
-    from huggingface_hub import constants
-
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setenv("HUBQUANT_HUB_RETRY_WAIT", "0.05")
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        yield server
-
-
 def _push(*args: str) -> tuple[int, str, str]:
     return run_cli("push", *args, "--base-model", BASE, "--no-track")
 

