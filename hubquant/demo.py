@@ -88,7 +88,8 @@ def _report(result: Any, *, model: Path, output: Path, stage: Path) -> str:
     if evaluation is not None and evaluation.tracking is not None:
         from hubquant.tracking import ui_hint
 
-        lines.append(f"mlflow:    experiment '{evaluation.tracking.experiment}' — {ui_hint(evaluation.tracking.uri)}")
+        tracked = evaluation.tracking
+        lines.append(f"mlflow:    experiment '{tracked.experiment}' — {ui_hint(tracked.uri, tracked.experiment_id)}")
     else:
         lines.append('mlflow:    not recorded (pip install "hubquant[tracking]" to track runs)')
     if result.pushed is not None:

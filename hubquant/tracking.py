@@ -39,6 +39,11 @@ FORMAT_TAG, PRECISION_TAG, ERROR_TAG = "hubquant.format", "hubquant.precision", 
 PARENT_TAG = "mlflow.parentRunId"
 #: MLflow 3 opens an experiment of this kind on its runs table, not on the GenAI traces overview.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+#: MLflow ≥ 3.10's UI ignores that tag: its "GenAI | Model training" switch (default GenAI, kept in the
+#: browser) decides, and a link carrying this query opens the experiment on its runs table whatever the
+#: switch says. Every experiment link hubquant prints carries it; the tag stays for the UIs that read it.
+RUNS_VIEW_QUERY = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"
 _PARAM_LIMIT = 6000  # MLflow's param value limit
 
 
@@ -47,11 +52,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / LOCAL_STORE}"
 
 
-def ui_hint(uri: str) -> str:
+def experiment_link(server: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The UI page of an experiment (or one of its runs), opened on the runs view, not GenAI's overview."""
+    page = f"/runs/{run_id}" if run_id else ""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}{page}?{RUNS_VIEW_QUERY}"
+
+
+def ui_hint(uri: str, experiment_id: str | None = None) -> str:
     """How to look at the runs."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"open {experiment_link(uri, experiment_id) if experiment_id else uri} in a browser"
+    command = f"mlflow ui --backend-store-uri {uri}"
+    return f"{command}, then open {experiment_link(LOCAL_UI, experiment_id)}" if experiment_id else command
 
 
 def _client(uri: str) -> Any:
@@ -69,6 +81,20 @@ def _client(uri: str) -> Any:
 def _clean(value: Any) -> str:
     text = "" if value is None else value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return redact(text)[:_PARAM_LIMIT]
+
+
+def setting_params(settings: dict[str, Any] | None) -> dict[str, str]:
+    """How a variant was made (its manifest's ``settings``: shards, tensor types, calibration identity) as
+    ``setting.*`` params, one level of nesting flattened (``setting.imatrix.sha256``)."""
+    params: dict[str, str] = {}
+    for key, value in (settings or {}).items():
+        if isinstance(value, dict):
+            params.update({f"setting.{key}.{k}": _clean(v) for k, v in value.items()})
+        elif isinstance(value, list):
+            params[f"setting.{key}"] = _clean("; ".join(str(item) for item in value))
+        else:
+            params[f"setting.{key}"] = _clean(value)
+    return params
 
 
 class Tracker:
@@ -215,7 +241,7 @@ class Tracker:
         manifest = artifact.manifest
         self._log(
             run_id,
-            params={f"tool.{k}": v for k, v in manifest.tools.items()},
+            params={**{f"tool.{k}": v for k, v in manifest.tools.items()}, **setting_params(manifest.settings)},
             metrics={"size_bytes": artifact.size_bytes, "export_seconds": manifest.export_seconds},
             tags={"hubquant.artifact_path": str(artifact.path), "hubquant.warnings": "; ".join(artifact.warnings)},
         )
@@ -335,8 +361,8 @@ class Tracker:
     @property
     def parent_url(self) -> str:
         if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent_id}"
-        return f"run {self.parent_id} in experiment '{self.experiment_name}' ({ui_hint(self.uri)})"
+            return experiment_link(self.uri, self.experiment_id, self.parent_id)
+        return f"run {self.parent_id} in experiment '{self.experiment_name}' ({ui_hint(self.uri, self.experiment_id)})"
 
 
 def fidelity_metrics(row: Evaluation) -> dict[str, float]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from hubquant.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, experiment_link
+
 from conftest import run_cli, wait_for_stage
 from mlflow_server import free_port
 
@@ -104,13 +106,15 @@ def _check_structure(uri: str, experiment: str, precisions: list[str]) -> dict[s
     return runs
 
 
-def _quantize_and_eval(model: Path, out: Path, *precisions: str, extra: tuple[str, ...] = ()) -> None:
+def _quantize_and_eval(model: Path, out: Path, *precisions: str, extra: tuple[str, ...] = ()) -> str:
+    """Quantize then evaluate through the CLI; return where quantize said its runs are ('mlflow: …')."""
     flags = [f for p in precisions for f in ("--precision", p)]
     code, _, err = run_cli("quantize", str(model), *flags, "--output", str(out), *extra)
     assert code == 0, err
-    assert "mlflow:" in err
+    (where,) = [line.removeprefix("mlflow: ") for line in err.splitlines() if line.startswith("mlflow: ")]
     code, _, err = run_cli("eval", *(str(out / f"gguf-{p}") for p in precisions), "--context", "128", *extra)
     assert code == 0, err
+    return where
 
 
 def test_local_store(untrained_phi3: Path, tmp_path: Path) -> None:
@@ -271,10 +275,18 @@ def test_mlflow_ui_shows_every_variant_with_metrics(
         pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     experiment = "hubquant-tests/ui"
-    _quantize_and_eval(untrained_phi3, tmp_path / "out", "Q8_0", "Q4_K_M", extra=("--experiment", experiment))
+    where = _quantize_and_eval(untrained_phi3, tmp_path / "out", "Q8_0", "Q4_K_M", extra=("--experiment", experiment))
     runs = _runs(mlflow_server.url, experiment)
     variants = {name: run for name, run in runs.items() if run.data.tags.get("hubquant.role") == "variant"}
     experiment_id = next(iter(variants.values())).info.experiment_id
+    # The experiment opens on its runs table, not on the GenAI overview MLflow 3 shows by default:
+    # through the experiment-kind tag where the UI reads it, and through the link hubquant prints.
+    assert _client(mlflow_server.url).get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    parent = next(run for run in runs.values() if run.data.tags.get("hubquant.role") != "variant")
+    assert where == experiment_link(mlflow_server.url, experiment_id, parent.info.run_id)
+    page = _dump_dom(chromium, experiment_link(mlflow_server.url, experiment_id), tmp_path / "experiment")
+    assert "<title>Runs - Experiment" in page and "matching run" in page, "the runs view"
+    assert parent.info.run_name in page, "the run (its variants nested under it) is in the runs table"
     url = (
         f"{mlflow_server.url}/#/compare-runs?runs="
         f"{urllib.parse.quote(json.dumps([r.info.run_id for r in variants.values()]))}"
