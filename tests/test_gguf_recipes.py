@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
+from hubquant import __version__
 from hubquant.artifact import load_artifact
 from hubquant.exporters.gguf import GGUFRunner
 from hubquant.exporters.gguf_tools import compute_imatrix, read_imatrix
@@ -29,8 +31,6 @@ NAMESPACE = "alice"
 
 def _types(artifact_dir: Path) -> dict[str, str]:
     """Every tensor's type over all of a variant's model files (shards included)."""
-    import gguf
-
     artifact = load_artifact(artifact_dir)
     types: dict[str, str] = {}
     for entry in artifact.model_files:
@@ -39,8 +39,6 @@ def _types(artifact_dir: Path) -> dict[str, str]:
 
 
 def _tensors(path: Path) -> list[str]:
-    import gguf
-
     return [t.name for t in gguf.GGUFReader(path).tensors]
 
 
@@ -93,6 +91,8 @@ def test_l_preset_has_q8_0_embeddings_and_output_and_says_so(recipes: dict[str, 
     assert [f.path for f in manifest.files if f.role == "model"] == ["untrained-phi3-Q4_K_L.gguf"]
     assert manifest.settings["tensor_types"] == ["token_embd.weight → Q8_0", "output.weight → Q8_0"]
     assert "llama.cpp" in manifest.tools and "commit" in manifest.tools["llama.cpp"]
+    fields = gguf.GGUFReader(recipes["Q4_K_L"] / "untrained-phi3-Q4_K_L.gguf").fields
+    assert fields["general.quantized_by"].contents() == f"hubquant {__version__}"
 
     repo = _stage([recipes["Q4_K_M"], recipes["Q4_K_L"]], tmp_path / "stage")
     card = (repo / "files" / "README.md").read_text()

@@ -53,7 +53,7 @@ from hubquant.exporters.gguf_tools import (
     tensor_names,
     write_imatrix,
 )
-from hubquant.source import PHIMOE_ROUTING_DIFFERS
+from hubquant.source import HUB_ID_PATTERN, PHIMOE_ROUTING_DIFFERS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -317,7 +317,7 @@ class GGUFExporter(Exporter):
         output = job.folder / self.file_name(source, job.precision, job.options)
         pre, limit = job.options["pre_tokenizer"], parse_size(job.options["split_max_size"])
         kind = intermediate_type(source)
-        metadata = {"general.quantized_by": f"hubquant {__version__}"}
+        metadata = gguf_metadata(source)
         key = ("intermediate", pre, limit)
         if job.precision in CONVERTER_TYPES:
             progress(f"gguf {job.precision}: converting with llama.cpp's converter")
@@ -450,6 +450,15 @@ class GGUFExporter(Exporter):
                 hint="rebuild the artifact with 'hubquant quantize --force'",
             )
         return GGUFRunner(artifact.path / first, context_length=context_length)
+
+
+def gguf_metadata(source: SourceModel) -> dict[str, str]:
+    """The ``general.*`` provenance keys llama.cpp defines, for the converter's metadata override: who
+    quantized it, and for a Hub source the revision it came from (``general.source.url``)."""
+    metadata = {"general.quantized_by": f"hubquant {__version__}"}
+    if source.revision and HUB_ID_PATTERN.match(source.source_id) and not Path(source.source_id).exists():
+        metadata["general.source.url"] = f"https://huggingface.co/{source.source_id}/tree/{source.revision}"
+    return metadata
 
 
 SNIPPETS = """llama.cpp:
