@@ -3,6 +3,7 @@ and in openvino-genai and generates."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,11 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from hubquant.exporters.openvino import OpenVINORunner
+from hubquant.artifact import load_artifact
+from hubquant.exporters.openvino import OpenVINOExporter, OpenVINORunner
 from hubquant.source import resolve_source
 from hubquant.stats import kl_divergence
 from hubquant.stats import runner_perplexity as perplexity
-from hubquant.text import read_text, token_windows, tokenize
+from hubquant.text import BUILTIN_CALIBRATION_TEXT, read_text, token_windows, tokenize
 from hubquant.torch_runner import TorchRunner
 
 from conftest import run_cli
@@ -113,6 +115,11 @@ def test_variants_load_generate_and_score(style: str, request: pytest.FixtureReq
     settings = _settings(built["openvino-int4-g64-awq-se"])
     assert settings["group_size"] == 64 and settings["quant_method"] == "awq" and settings["scale_estimation"] is True
     assert settings["dataset"] == "hubquant built-in calibration text" and settings["num_samples"] >= 8
+    # The calibration identity a card names: the text's sha256, the samples and their length.
+    expected = hashlib.sha256(read_text(None, builtin=BUILTIN_CALIBRATION_TEXT).encode()).hexdigest()
+    assert settings["sha256"] == expected and settings["sample_tokens"] > 0
+    (note,) = OpenVINOExporter.variant_notes(load_artifact(built["openvino-int4-g64-awq-se"]))
+    assert f"{settings['num_samples']} samples of {settings['sample_tokens']} tokens" in note and expected[:12] in note
     assert _settings(built["openvino-int4-g128-r0.8"])["ratio"] == 0.8
     assert str(tmp_path) not in (built["openvino-int4-g64-awq-se"] / "openvino_config.json").read_text()
 
