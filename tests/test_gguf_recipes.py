@@ -17,7 +17,7 @@ import pytest
 from hubquant import __version__
 from hubquant.artifact import load_artifact
 from hubquant.exporters.gguf import GGUFRunner
-from hubquant.exporters.gguf_tools import compute_imatrix, read_imatrix
+from hubquant.exporters.gguf_imatrix import compute_imatrix, read_imatrix
 from hubquant.source import resolve_source
 from hubquant.tiny import build_tiny_phi
 

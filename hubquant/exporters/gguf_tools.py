@@ -4,11 +4,9 @@
   package, in-process: byte-identical to its CLI), then writes a long-rope config's stated attention
   factor where the converter derives its own (:func:`config_mscale`).
 - :func:`quantize` makes every other type with ``llama_cpp.llama_model_quantize``, optionally with an
-  importance matrix from :func:`compute_imatrix` and per-tensor types (:mod:`gguf_recipes`).
+  importance matrix (:mod:`gguf_imatrix`) and per-tensor types (:mod:`gguf_recipes`).
 - Files above a size limit are written in llama.cpp's split format (``-00001-of-0000N.gguf``, loaded
   from the first shard): by the converter's own writer, and by the quantizer with ``keep_split``.
-- :func:`write_imatrix` saves the importance matrix as ``llama-imatrix`` does (``imatrix.gguf``), so
-  a published variant ships the matrix it was quantized with.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,8 +32,6 @@ from hubquant.errors import ExportError, RecipeError
 from hubquant.faults import checkpoint
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from hubquant.exporters.gguf_recipes import TensorTypes
     from hubquant.source import SourceModel
 
@@ -162,6 +157,50 @@ def _quiet_converter() -> Iterator[None]:
         logger.setLevel(previous)
 
 
+def _converter_class(source: SourceModel, precision: str, pre_tokenizer: str | None) -> Any:
+    """The converter's model class for the source (told the pre-tokenizer when the user named one)."""
+    from conversion import ModelType, get_model_architecture, get_model_class
+
+    try:
+        model_class = get_model_class(get_model_architecture(source.config, ModelType.TEXT))
+    except NotImplementedError as exc:
+        raise ExportError(
+            f"llama.cpp's converter does not support {source.architecture}: {exc}",
+            format="gguf",
+            precision=precision,
+            hint="use another format for this model",
+        ) from None
+    if not pre_tokenizer:
+        return model_class
+    # The converter identifies BPE pre-tokenizers by hashing a probe text's tokens; a
+    # vocabulary it has never seen needs the user to name the pre-tokenizer it matches.
+    return type(
+        model_class.__name__,
+        (model_class,),
+        {"model_arch": model_class.model_arch, "get_vocab_base_pre": lambda self, tokenizer: pre_tokenizer},
+    )
+
+
+def _converter_failure(exc: Exception, source: SourceModel, precision: str) -> ExportError:
+    """The converter's exception as the user's error: an unknown pre-tokenizer, or what failed."""
+    if isinstance(exc, NotImplementedError):
+        if "pre-tokenizer" not in str(exc):
+            return ExportError(f"llama.cpp's converter failed: {exc}", format="gguf", precision=precision)
+        return ExportError(
+            f"llama.cpp does not recognise the BPE pre-tokenizer of {source.name}",
+            format="gguf",
+            precision=precision,
+            hint=f"name the one it matches with --option pre_tokenizer=NAME; Phi-4 uses gpt-4o "
+            f"({len(known_pre_tokenizers())} are known; 'hubquant formats' explains the option)",
+        )
+    return ExportError(
+        f"llama.cpp's converter failed on {source.name}: {exc}",
+        format="gguf",
+        precision=precision,
+        hint="check that the checkpoint is complete and loads in transformers",
+    )
+
+
 def convert(
     source: "SourceModel",
     output: Path,
@@ -183,28 +222,10 @@ def convert(
         ExportError: the converter does not support the model or its vocabulary.
     """
     import gguf
-    from conversion import ModelType, get_model_architecture, get_model_class
 
     checkpoint("gguf-converting")
     started = time.perf_counter()
-    try:
-        architecture = get_model_architecture(source.config, ModelType.TEXT)
-        model_class = get_model_class(architecture)
-    except NotImplementedError as exc:
-        raise ExportError(
-            f"llama.cpp's converter does not support {source.architecture}: {exc}",
-            format="gguf",
-            precision=precision,
-            hint="use another format for this model",
-        ) from None
-    if pre_tokenizer:
-        # The converter identifies BPE pre-tokenizers by hashing a probe text's tokens; a
-        # vocabulary it has never seen needs the user to name the pre-tokenizer it matches.
-        model_class = type(
-            model_class.__name__,
-            (model_class,),
-            {"model_arch": model_class.model_arch, "get_vocab_base_pre": lambda self, tokenizer: pre_tokenizer},
-        )
+    model_class = _converter_class(source, precision, pre_tokenizer)
     ftype = getattr(gguf.LlamaFileType, CONVERTER_TYPES[precision])
     import torch
 
@@ -224,26 +245,10 @@ def convert(
                 split_max_size=split_max_size,
             )
             model.write()
-    except NotImplementedError as exc:
-        if "pre-tokenizer" in str(exc):
-            known = known_pre_tokenizers()
-            raise ExportError(
-                f"llama.cpp does not recognise the BPE pre-tokenizer of {source.name}",
-                format="gguf",
-                precision=precision,
-                hint=f"name the one it matches with --option pre_tokenizer=NAME; Phi-4 uses gpt-4o "
-                f"({len(known)} are known; 'hubquant formats' explains the option)",
-            ) from None
-        raise ExportError(f"llama.cpp's converter failed: {exc}", format="gguf", precision=precision) from None
-    except (ValueError, KeyError, OSError) as exc:
+    except (NotImplementedError, ValueError, KeyError, OSError) as exc:
         if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT) or "requested and" in str(exc)):
             raise  # a write that failed: the pipeline tells a full disk from the rest
-        raise ExportError(
-            f"llama.cpp's converter failed on {source.name}: {exc}",
-            format="gguf",
-            precision=precision,
-            hint="check that the checkpoint is complete and loads in transformers",
-        ) from None
+        raise _converter_failure(exc, source, precision) from None
     finally:
         if override is not None:
             override.unlink(missing_ok=True)
@@ -252,6 +257,18 @@ def convert(
     _apply_config_mscale(source, first)  # the metadata lives in the first shard
     log.info("gguf %s: converted in %.1f s (%d file(s))", precision, time.perf_counter() - started, len(shards) or 1)
     return first
+
+
+def gguf_metadata(source: SourceModel) -> dict[str, str]:
+    """The ``general.*`` provenance keys llama.cpp defines, for the converter's metadata override: who
+    quantized it, and for a Hub source the revision it came from (``general.source.url``)."""
+    from hubquant import __version__
+    from hubquant.source import HUB_ID_PATTERN
+
+    metadata = {"general.quantized_by": f"hubquant {__version__}"}
+    if source.revision and HUB_ID_PATTERN.match(source.source_id) and not Path(source.source_id).exists():
+        metadata["general.source.url"] = f"https://huggingface.co/{source.source_id}/tree/{source.revision}"
+    return metadata
 
 
 def config_mscale(config: dict[str, Any]) -> float | None:
@@ -380,7 +397,7 @@ def quantize(
         intermediate: the F16 (or F32/BF16) GGUF (its first shard when split).
         output: the file to write (``X.gguf``; with ``keep_split``, ``X-00001-of-0000N.gguf`` …).
         precision: a llama.cpp file type name (``Q4_K_M``).
-        imatrix: GGUF tensor name → per-column importance (float32 array), from :func:`compute_imatrix`.
+        imatrix: GGUF tensor name → per-column importance (float32 array): :meth:`ImportanceMatrix.means`.
         tensor_types: token-embedding, output and per-tensor types, passed as llama.cpp's own parameters.
         keep_split: write as many shards as the intermediate has.
         threads: quantization threads (default: every core).
@@ -408,24 +425,29 @@ def quantize(
     if keep_split:
         output = output.with_name(f"{output.stem}-00001-of-{len(shard_paths(intermediate)):05d}.gguf")
     if status != 0 or not output.is_file():
-        logged = " ".join(_RECENT_LOG)
-        if "requires an imatrix" in logged or "importance matrix" in logged:
-            raise ExportError(
-                f"llama.cpp needs an importance matrix for {precision}",
-                format="gguf",
-                precision=precision,
-                hint="add --option imatrix=true",
-            )
-        reason = next((line.strip() for line in reversed(_RECENT_LOG) if "fail" in line.lower()), f"status {status}")
-        raise ExportError(
-            f"llama_model_quantize failed for {precision}: {reason}",
-            format="gguf",
-            precision=precision,
-            hint="run with HUBQUANT_DEBUG=1 to see llama.cpp's log",
-        )
+        raise _quantize_failure(precision, status)
     del keep_alive
     log.info("gguf %s: quantized in %.1f s", precision, time.perf_counter() - started)
     return output
+
+
+def _quantize_failure(precision: str, status: int) -> ExportError:
+    """What llama_model_quantize's log says went wrong."""
+    logged = " ".join(_RECENT_LOG)
+    if "requires an imatrix" in logged or "importance matrix" in logged:
+        return ExportError(
+            f"llama.cpp needs an importance matrix for {precision}",
+            format="gguf",
+            precision=precision,
+            hint="add --option imatrix=true",
+        )
+    reason = next((line.strip() for line in reversed(_RECENT_LOG) if "fail" in line.lower()), f"status {status}")
+    return ExportError(
+        f"llama_model_quantize failed for {precision}: {reason}",
+        format="gguf",
+        precision=precision,
+        hint="run with HUBQUANT_DEBUG=1 to see llama.cpp's log",
+    )
 
 
 def _responsive(call: Callable[[], int]) -> int:
@@ -466,131 +488,3 @@ def fallback_tensors(path: Path) -> list[tuple[str, str, int]]:
         if len(shape) >= 2 and shape[0] % 256 != 0 and kind in _LEGACY_FALLBACKS and tensor.name.endswith(".weight"):
             fallen.append((tensor.name, kind, shape[0]))
     return fallen
-
-
-# -- the importance matrix ---------------------------------------------------------------------
-@dataclass
-class ImportanceMatrix:
-    """Sums of x² per input column of every linear layer (GGUF tensor name → float64 array), the
-    number of tokens each saw, and the calibration text they came from."""
-
-    sums: dict[str, "np.ndarray"]
-    counts: dict[str, int]
-    text: str  # the built-in text's name or the file's name
-    sha256: str
-    tokens: int
-    windows: int
-    context: int
-
-    def means(self) -> dict[str, "np.ndarray"]:
-        """What llama_model_quantize takes: the per-column mean of x²."""
-        import numpy as np
-
-        return {name: (self.sums[name] / self.counts[name]).astype(np.float32) for name in self.sums}
-
-    def identity(self, file: str) -> dict[str, Any]:
-        """What the manifest and the card say of it."""
-        return {
-            "file": file,
-            "text": self.text,
-            "sha256": self.sha256,
-            "tokens": self.tokens,
-            "windows": self.windows,
-            "context": self.context,
-        }
-
-
-def write_imatrix(matrix: ImportanceMatrix, path: Path) -> Path:
-    """Save the matrix as ``llama-imatrix`` writes ``imatrix.gguf``: ``general.type = imatrix``, the
-    dataset, chunk count and size, and per tensor ``NAME.in_sum2`` (sums of x²) and ``NAME.counts``."""
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(path, arch="imatrix")
-    writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
-    writer.add_type("imatrix")
-    writer.add_array("imatrix.datasets", [matrix.text])
-    writer.add_uint32("imatrix.chunk_count", matrix.windows)
-    writer.add_uint32("imatrix.chunk_size", matrix.context)
-    for name in sorted(matrix.sums):
-        writer.add_tensor(f"{name}.in_sum2", np.asarray(matrix.sums[name], dtype=np.float32).reshape(1, -1))
-        writer.add_tensor(f"{name}.counts", np.array([[matrix.counts[name]]], dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def read_imatrix(path: Path) -> dict[str, "np.ndarray"]:
-    """The per-column means stored in an ``imatrix.gguf`` (``in_sum2 / counts``), by GGUF tensor name."""
-    import gguf
-    import numpy as np
-
-    tensors = {t.name: np.array(t.data, dtype=np.float64) for t in gguf.GGUFReader(path).tensors}
-    return {
-        name.removesuffix(".in_sum2"): (data / tensors[name.removesuffix(".in_sum2") + ".counts"].item()).ravel()
-        for name, data in tensors.items()
-        if name.endswith(".in_sum2")
-    }
-
-
-def compute_imatrix(source: "SourceModel", *, calibration_text: str | None, context: int) -> ImportanceMatrix:
-    """Sum of x² per column at the input of every linear layer, keyed by GGUF tensor name.
-
-    This is what llama.cpp's ``llama-imatrix`` collects (it runs the GGUF model; we run the
-    PyTorch one over the same text, whose means agree to cosine ≥ 0.9999).
-
-    Raises:
-        ExportError: the calibration text is too short for one window.
-    """
-    import hashlib
-
-    import gguf
-    import torch
-    from conversion import ModelType, get_model_architecture, get_model_class
-    from transformers import AutoModelForCausalLM
-
-    from hubquant.text import BUILTIN_CALIBRATION_TEXT, calibration_windows, read_text
-
-    windows = calibration_windows(source.path, calibration_text, context)
-    content = read_text(calibration_text, builtin=BUILTIN_CALIBRATION_TEXT)
-    model_arch = get_model_class(get_model_architecture(source.config, ModelType.TEXT)).model_arch
-    n_layers = int(source.config.get("num_hidden_layers") or source.config.get("n_layer"))
-    names = gguf.get_tensor_name_map(model_arch, n_layers)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
-    model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-
-    def collect(name: str) -> Any:
-        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return hook
-
-    for module_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            gguf_name = names.get_name(module_name)
-            if gguf_name:
-                handles.append(module.register_forward_pre_hook(collect(gguf_name + ".weight")))
-    try:
-        with torch.inference_mode():
-            for window in windows:
-                model(input_ids=torch.tensor([window]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    del model
-    return ImportanceMatrix(
-        sums={name: total.numpy() for name, total in sums.items()},
-        counts=counts,
-        text=Path(calibration_text).name if calibration_text else f"hubquant built-in {BUILTIN_CALIBRATION_TEXT}",
-        sha256=hashlib.sha256(content.encode("utf-8")).hexdigest(),
-        tokens=sum(len(window) for window in windows),
-        windows=len(windows),
-        context=context,
-    )
