@@ -221,7 +221,19 @@ def test_a_full_disk_is_named_and_nothing_is_half_written(untrained_phi3: Path, 
     assert code == 1 and "Traceback" not in err and "internal error" not in err, err
     assert f"disk full writing {out}" in err and "--scratch" in err and "checkpoint is complete" not in err, err
     assert "Writing:" not in err, "no third-party progress bar after the error"
-    assert not out.exists() or not any(out.iterdir()), "nothing half-written"
+    # Nothing half-written: what is left is whole variants (Q8_0 alone fits on this disk, and is kept
+    # when its manifest could be written), each file as its manifest lists it, and nothing else.
+    from hubquant.artifact import load_artifact
+
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) if out.exists() else []
+    listed = []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()) if out.exists() else []:
+        artifact = load_artifact(folder)
+        for entry in artifact.files:
+            assert (folder / entry.path).stat().st_size == entry.size, entry
+        listed += [f"{folder.name}/{entry.path}" for entry in artifact.files] + [f"{folder.name}/manifest.json"]
+    assert left == sorted(listed), "nothing half-written"
+    assert "gguf-Q4_K_M" not in {p.split("/")[0] for p in left}
 
 
 #: Build stages a signal must stop cleanly: the command that reaches each (format, precision).
