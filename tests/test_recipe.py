@@ -35,7 +35,16 @@ def test_generic_and_native_precisions_resolve(given: str, native: str) -> None:
 def test_resolved_options_carry_defaults() -> None:
     spec = VariantSpec(format="GGUF", precision="Q4_K_M").resolved()
     assert spec.format == "gguf"
-    assert spec.options == {"imatrix": False, "calibration_text": None, "imatrix_context": 512, "pre_tokenizer": None}
+    assert spec.options == {
+        "imatrix": False,
+        "calibration_text": None,
+        "imatrix_context": 512,
+        "pre_tokenizer": None,
+        "token_embedding_type": None,
+        "output_tensor_type": None,
+        "tensor_types": [],
+        "split_max_size": "45G",
+    }
 
 
 def test_unknown_precision_lists_the_allowed_ones() -> None:
