@@ -95,16 +95,6 @@ def tensor_names(path: Path) -> set[str]:
     return names
 
 
-def tensor_types_of(path: Path) -> dict[str, str]:
-    """Tensor name → stored type of a GGUF model (all shards)."""
-    import gguf
-
-    types: dict[str, str] = {}
-    for shard in shard_paths(path):
-        types.update({t.name: t.tensor_type.name for t in gguf.GGUFReader(shard).tensors})
-    return types
-
-
 @lru_cache(maxsize=1)
 def llama_cpp_build() -> str:
     """The llama.cpp inside llama-cpp-python: ggml's version and the commit it was built from."""
