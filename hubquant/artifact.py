@@ -360,12 +360,14 @@ def write_manifest(
     warnings: list[str],
     settings: dict[str, Any] | None = None,
     roles: dict[str, str] | None = None,
+    peak_disk_bytes: int | None = None,
 ) -> Manifest:
     """Hash every file in ``folder`` and write ``manifest.json``; return the manifest.
 
     ``export_seconds`` is the variant's own step; ``shared_seconds`` the intermediates it needed
     (built once per run and shared with the other variants of its format); ``roles`` marks the files
-    that are not the model (see :attr:`FileEntry.role`).
+    that are not the model (see :attr:`FileEntry.role`); ``peak_disk_bytes`` the most its format's build
+    held on disk (see :mod:`hubquant.diskmeter`).
     """
     from hubquant import __version__
 
@@ -388,6 +390,7 @@ def write_manifest(
         cache_key=key,
         export_seconds=round(export_seconds, 3),
         shared_seconds=round(shared_seconds, 3),
+        peak_disk_bytes=peak_disk_bytes,
         warnings=warnings,
         settings=settings or None,
         files=files,

@@ -34,6 +34,7 @@ from hubquant.artifact import (
     temp_prefix,
     write_manifest,
 )
+from hubquant.diskmeter import DiskMeter
 from hubquant.errors import ExportError, HubquantError
 from hubquant.exporters import get_exporter
 from hubquant.exporters.base import Exporter, ExportJob, Progress
@@ -263,14 +264,17 @@ def _export_format(
         with tempfile.TemporaryDirectory(prefix=temp_prefix("work"), dir=scratch) as work_dir:
             if scratch.resolve() != Path(jobs[0].target).parent.resolve():
                 say(f"{exporter.name}: intermediates in {work_dir}")
-            errors = exporter.export(source, [j.job for j in jobs], work_dir=Path(work_dir), progress=say)
+            # The format's intermediates and the variants being written: its peak disk, measured.
+            with DiskMeter([Path(work_dir), *(j.job.folder for j in jobs)]) as meter:
+                progress = meter.wrap(say)
+                errors = exporter.export(source, [j.job for j in jobs], work_dir=Path(work_dir), progress=progress)
         for item in jobs:
             spec, job = item.spec, item.job
             error = errors.get(job.name, ExportError(f"{spec.label} was not built", format=exporter.name))
             if error is None:
                 say(f"{spec.label}: hashing and writing the manifest")
                 try:
-                    outcomes[item.index] = _finish(item, source, tools)
+                    outcomes[item.index] = _finish(item, source, tools, peak_disk=meter.peak)
                     continue
                 except OSError as exc:
                     error = exc
@@ -287,7 +291,7 @@ def _export_format(
                 discard_staging_folder(item.job.folder)
 
 
-def _finish(item: _Job, source: SourceModel, tools: dict[str, str]) -> VariantResult:
+def _finish(item: _Job, source: SourceModel, tools: dict[str, str], *, peak_disk: int) -> VariantResult:
     """Hash a built variant, write its manifest and move it into place."""
     job = item.job
     manifest = write_manifest(
@@ -301,6 +305,7 @@ def _finish(item: _Job, source: SourceModel, tools: dict[str, str]) -> VariantRe
         warnings=job.warnings,
         settings=job.settings,
         roles=job.roles,
+        peak_disk_bytes=peak_disk,
     )
     commit_staging_folder(job.folder, item.target)
     return VariantResult(

@@ -254,20 +254,29 @@ def gated(artifacts: list[Artifact]) -> tuple[list[Artifact], list[tuple[Artifac
     return passed, held
 
 
-def markdown_summary(artifacts: list[Artifact], outcome: PushOutcome) -> str:
-    """The report a CI job writes to its summary: every variant with its figures (±) and gate, then the repos."""
+def markdown_summary(
+    artifacts: list[Artifact],
+    outcome: PushOutcome | None = None,
+    *,
+    title: str = "hubquant publish",
+    failures: list[tuple[str, str]] | None = None,
+) -> str:
+    """The report a CI job writes to its summary: every variant with its size, the peak disk of its build,
+    its figures (±) and gate, the variants that failed to build, then the repos (when pushed)."""
     from hubquant import display
 
     lines = [
-        "## hubquant publish",
+        f"## {title}",
         "",
-        "| variant | size | perplexity | Δ vs original | KL | runtime floor | gate |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| variant | size | peak disk | perplexity | Δ vs original | KL | runtime floor | gate |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for artifact in artifacts:
         evaluation, size = artifact.evaluation(), display.human_size(artifact.size_bytes)
+        peak = artifact.manifest.peak_disk_bytes
+        disk = "—" if peak is None else display.human_size(peak)
         if evaluation is None:
-            lines.append(f"| {artifact.path.name} | {size} | — | — | — | — | not evaluated |")
+            lines.append(f"| {artifact.path.name} | {size} | {disk} | — | — | — | — | not evaluated |")
             continue
         m, gate, floor = evaluation.metrics, evaluation.gate, evaluation.fidelity
         floor_text = (
@@ -276,12 +285,24 @@ def markdown_summary(artifacts: list[Artifact], outcome: PushOutcome) -> str:
             else (f"deviates (KL {floor.kl_mean:.2e})" if floor.deviates else f"within rounding ({floor.precision})")
         )
         verdict = "passed" if gate.passed else "held back: " + "; ".join(gate.reasons)
+        ppl = display.plus_minus(m.perplexity, m.perplexity_stderr, ".3f")
         lines.append(
-            f"| {artifact.path.name} | {size} | {display.plus_minus(m.perplexity, m.perplexity_stderr, '.3f')} | "
+            f"| {artifact.path.name} | {size} | {disk} | {ppl} | "
             f"{display.delta_pct(m.ppl_delta_pct, m.ppl_delta_pct_stderr)} | "
             f"{display.scientific(m.kl_mean, m.kl_mean_stderr)} | {floor_text} | {verdict} |"
         )
-    lines += ["", "| repo | result |", "|---|---|"]
+    for label, message in failures or []:
+        lines.append(f"| {label} | — | — | — | — | — | — | failed: {message.replace('|', '/')} |")
+    lines.append("")
+    if any(a.manifest.peak_disk_bytes is not None for a in artifacts):
+        lines += ["Peak disk: the most its format's build held at once (intermediates and outputs), measured.", ""]
+    if outcome is not None:
+        lines += [*_repo_lines(outcome), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _repo_lines(outcome: PushOutcome) -> list[str]:
+    lines = ["| repo | result |", "|---|---|"]
     for result in outcome.results:
         if outcome.dry_run:
             what = f"staged {len(result.uploaded)} files (dry run)"
@@ -290,4 +311,4 @@ def markdown_summary(artifacts: list[Artifact], outcome: PushOutcome) -> str:
         else:
             what = f"[{(result.commit or '')[:10]}]({result.pr_url or result.commit_url})"
         lines.append(f"| [{result.repo_id}]({result.url}) | {what} |")
-    return "\n".join(lines) + "\n\n"
+    return lines

@@ -71,6 +71,9 @@ class Manifest(_Record):
     cache_key: str = ""
     export_seconds: float | None = None
     shared_seconds: float | None = None
+    #: The most bytes the build of this variant's format held at once (intermediates and the variants
+    #: being written; shared with the format's other variants of the same run).
+    peak_disk_bytes: int | None = None
     warnings: list[str] = Field(default_factory=list)
     settings: dict[str, Any] | None = None
     files: list[FileEntry]

@@ -242,7 +242,11 @@ class Tracker:
         self._log(
             run_id,
             params={**{f"tool.{k}": v for k, v in manifest.tools.items()}, **setting_params(manifest.settings)},
-            metrics={"size_bytes": artifact.size_bytes, "export_seconds": manifest.export_seconds},
+            metrics={
+                "size_bytes": artifact.size_bytes,
+                "export_seconds": manifest.export_seconds,
+                "peak_disk_bytes": manifest.peak_disk_bytes,
+            },
             tags={"hubquant.artifact_path": str(artifact.path), "hubquant.warnings": "; ".join(artifact.warnings)},
         )
         self.client.log_artifact(run_id, str(artifact.path / "manifest.json"))

@@ -48,6 +48,17 @@ def _summary(result: Any) -> dict[str, Any]:
     }
 
 
+def _write_summary(path: str, result: Any, formats: tuple[str, ...]) -> None:
+    from hubquant.publishing import markdown_summary
+
+    quantized = result.quantized
+    title = "hubquant publish" + (f" — {', '.join(formats)}" if formats else "")
+    failures = [(v.spec.label, v.error.message if v.error else "failed") for v in quantized.failures]
+    report = markdown_summary(quantized.artifacts, result.pushed, title=title, failures=failures)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(report)
+
+
 def _print_outcome(result: Any, summary: dict[str, Any]) -> None:
     from hubquant.table import render_table
 
@@ -93,6 +104,12 @@ def _print_outcome(result: Any, summary: dict[str, Any]) -> None:
 )
 @click.option("--stage-dir", type=click.Path(file_okay=False), default="hubquant-hub-staging", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@click.option(
+    "--summary",
+    "summary_file",
+    type=click.Path(dir_okay=False),
+    help="Append a Markdown report (size, peak disk, figures, gate) to this file, e.g. $GITHUB_STEP_SUMMARY.",
+)
 @tracking_options
 def publish(
     recipe_file: str | None,
@@ -108,6 +125,7 @@ def publish(
     skip_push: bool,
     stage_dir: str,
     as_json: bool,
+    summary_file: str | None,
     no_track: bool,
     experiment: str | None,
     new_run: bool,
@@ -145,7 +163,14 @@ def publish(
         progress=Progress(),
         plot=Path(recipe.output) / "tradeoff.png" if has_module("matplotlib") else None,
     )
+    _report(result, as_json=as_json, summary_file=summary_file, formats=formats)
+
+
+def _report(result: Any, *, as_json: bool, summary_file: str | None, formats: tuple[str, ...]) -> None:
+    """Print the outcome (and append the job summary); exit 1 for a failed build, 2 for a held-back variant."""
     summary = _summary(result)
+    if summary_file:
+        _write_summary(summary_file, result, formats)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
