@@ -276,9 +276,11 @@ def test_publish_workflow_called_from_another_repository(
 
 
 @pytest.mark.slow
-def test_publish_workflow_dispatched_in_its_own_repository(model: Path, tmp_path: Path, hub: HubServer) -> None:
-    """workflow_dispatch in hubquant's repository: the same install path, a recipe of its own, a dry run
-    staged as the hub-staging artifact, no tracking server."""
+def test_publish_workflow_dispatched_in_its_own_repository(
+    model: Path, tmp_path: Path, hub: HubServer, mlflow_server
+) -> None:
+    """workflow_dispatch in hubquant's repository: the same install path, a recipe of its own, the
+    tracking server, and a dry run (the default) staged as the hub-staging artifact."""
     github = GitHub(tmp_path / "github")
     recipe = _recipe_data(model, [{"format": "gguf", "precision": "Q8_0"}])
     sha = github.create_repository(HUBQUANT, _hubquant_files({"recipes/tiny.yaml": yaml.safe_dump(recipe)}))
@@ -291,6 +293,7 @@ def test_publish_workflow_dispatched_in_its_own_repository(model: Path, tmp_path
         workflow_sha=sha,
         workflow_ref="refs/heads/main",
         inputs={"model": str(model), "recipe": "recipes/tiny.yaml", "namespace": NAMESPACE},
+        secrets={"MLFLOW_TRACKING_URI": mlflow_server.url},
     )
     workflow = _workflow("publish.yml")
     workflow["env"]["LARGE_DISKS"] = str(tmp_path / "no-such-disk")  # one disk: everything in RUNNER_TEMP
@@ -302,11 +305,16 @@ def test_publish_workflow_dispatched_in_its_own_repository(model: Path, tmp_path
     assert not hub.state.repos, "dry_run defaults to true"
     staged = github.artifacts / "hub-staging" / NAMESPACE / "tiny-phi3-GGUF"
     assert (staged / "commit-plan.json").is_file() and (staged / "files" / "tiny-phi3-Q8_0.gguf").is_file()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name("hubquant/tiny-phi3").experiment_id])
+    assert any(r.data.tags.get("hubquant.variant_key") and r.info.status == "FINISHED" for r in runs)
 
 
 def test_called_workflow_needs_the_id_token_and_its_own_install(model: Path, tmp_path: Path) -> None:
-    """A caller that does not grant id-token: write gets GitHub's startup failure; and a plan job that
-    installs the workspace (`pip install -e .`, the old step) fails in a caller's layout."""
+    """A caller that does not grant id-token: write gets GitHub's startup failure; and in a caller's
+    layout, each job fails if its install goes back to installing the workspace (`pip install -e .`)."""
     github = GitHub(tmp_path / "github")
     hubquant_sha = github.create_repository(HUBQUANT, _hubquant_files())
     recipe = _recipe_data(model, [{"format": "gguf", "precision": "Q8_0"}])
@@ -322,18 +330,26 @@ def test_called_workflow_needs_the_id_token_and_its_own_install(model: Path, tmp
         inputs={"model": str(model), "recipe": "recipe.yaml", "namespace": NAMESPACE},
         granted={"contents": "read"},
     )
-    workflow = _workflow("publish.yml")
-    with Runner(github, workflow, call, work=tmp_path / "runs", env=_runner_env()) as runner:
+    with Runner(github, _workflow("publish.yml"), call, work=tmp_path / "runs", env=_runner_env()) as runner:
         with pytest.raises(WorkflowFailure, match="requesting 'id-token: write', but is only allowed 'id-token: none'"):
             runner.run_job("plan")
 
     call.granted = {"contents": "read", "id-token": "write"}
-    for step in workflow["jobs"]["plan"]["steps"]:
-        if "pip install" in step.get("run", ""):
-            step["run"] = "python -m pip install -e ."
-    with Runner(github, workflow, call, work=tmp_path / "again", env=_runner_env()) as runner:
-        with pytest.raises(WorkflowFailure, match="does not appear to be a Python project"):
-            runner.run_job("plan")
+    with Runner(github, _workflow("publish.yml"), call, work=tmp_path / "plan", env=_runner_env()) as runner:
+        plan = runner.run_job("plan").outputs
+    (entry,) = json.loads(plan["matrix"])["include"]
+    needs = {"plan": plan, "quantize": {}}
+    for job_id in ("plan", "quantize", "publish"):
+        workflow = _workflow("publish.yml")
+        installs = [step for step in workflow["jobs"][job_id]["steps"] if "pip install" in step.get("run", "")]
+        assert len(installs) == 1, job_id
+        installs[0]["run"] = re.sub(
+            r'"?\./\.hubquant(\[[^\]]*\])?"?', lambda m: f'-e ".{m.group(1) or ""}"', installs[0]["run"]
+        )
+        assert 'install -e "."' in installs[0]["run"] or 'install -e ".[' in installs[0]["run"]
+        with Runner(github, workflow, call, work=tmp_path / f"old-{job_id}", env=_runner_env()) as runner:
+            with pytest.raises(WorkflowFailure, match="does not appear to be a Python project"):
+                runner.run_job(job_id, matrix=entry if job_id == "quantize" else None, needs=needs)
 
 
 @pytest.mark.slow
