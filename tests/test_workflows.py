@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -161,7 +162,7 @@ def _hubquant_files(extra: dict[str, str] | None = None) -> dict[str, Path | str
     return {**files, **(extra or {})}
 
 
-def _runner_env(mlflow_url: str | None = None) -> dict[str, str]:
+def _runner_env() -> dict[str, str]:
     """The machine environment a job starts from: offline pip (every extra is installed on this machine)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "MLFLOW_", "RUNNER_"))}
     return {**env, "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0", "PYTHONPATH": ""}
@@ -191,6 +192,21 @@ def _run_publish_workflow(runner: Runner) -> dict[str, JobOutcome]:
 
 
 HUBQUANT = "hubquant-dev/hubquant"
+CALLER = "carol/phi-releases"
+
+
+def _called(caller_sha: str, hubquant_sha: str, workflow_ref: str, **given: Any) -> Call:
+    """A workflow_call of hubquant's publish.yml at ``hubquant_sha`` from the caller's main branch."""
+    return Call(
+        event="workflow_call",
+        repository=CALLER,
+        sha=caller_sha,
+        ref="refs/heads/main",
+        workflow_repository=HUBQUANT,
+        workflow_sha=hubquant_sha,
+        workflow_ref=workflow_ref,
+        **given,
+    )
 
 
 @pytest.mark.slow
@@ -207,8 +223,7 @@ def test_publish_workflow_called_from_another_repository(
     github.tag(HUBQUANT, version)
     recipe = _recipe_data(model, [{"format": "gguf", "precision": "Q8_0"}, {"format": "openvino", "precision": "int4"}])
     caller_sha = github.create_repository(
-        "carol/phi-releases",
-        {".github/workflows/quantize.yml": text, caller_job["with"]["recipe"]: yaml.safe_dump(recipe)},
+        CALLER, {".github/workflows/quantize.yml": text, caller_job["with"]["recipe"]: yaml.safe_dump(recipe)}
     )
     namespace = caller_job["with"]["namespace"]
     token = hub.add_user(namespace)
@@ -217,14 +232,10 @@ def test_publish_workflow_called_from_another_repository(
         "inputs": {"model": str(model)},
         "secrets": {"HF_TOKEN": token, "MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_TRACKING_TOKEN": ""},
     }
-    call = Call(
-        event="workflow_call",
-        repository="carol/phi-releases",
-        sha=caller_sha,
-        ref="refs/heads/main",
-        workflow_repository=HUBQUANT,
-        workflow_sha=hubquant_sha,
-        workflow_ref=f"refs/tags/{version}",
+    call = _called(
+        caller_sha,
+        hubquant_sha,
+        f"refs/tags/{version}",
         inputs={k: evaluate(v, contexts) for k, v in caller_job["with"].items()},
         secrets={k: evaluate(v, contexts) for k, v in caller_job["secrets"].items()},
         granted=caller_job["permissions"],
@@ -318,15 +329,11 @@ def test_called_workflow_needs_the_id_token_and_its_own_install(model: Path, tmp
     github = GitHub(tmp_path / "github")
     hubquant_sha = github.create_repository(HUBQUANT, _hubquant_files())
     recipe = _recipe_data(model, [{"format": "gguf", "precision": "Q8_0"}])
-    caller_sha = github.create_repository("carol/phi-releases", {"recipe.yaml": yaml.safe_dump(recipe)})
-    call = Call(
-        event="workflow_call",
-        repository="carol/phi-releases",
-        sha=caller_sha,
-        ref="refs/heads/main",
-        workflow_repository=HUBQUANT,
-        workflow_sha=hubquant_sha,
-        workflow_ref="refs/heads/main",
+    caller_sha = github.create_repository(CALLER, {"recipe.yaml": yaml.safe_dump(recipe)})
+    call = _called(
+        caller_sha,
+        hubquant_sha,
+        "refs/heads/main",
         inputs={"model": str(model), "recipe": "recipe.yaml", "namespace": NAMESPACE},
         granted={"contents": "read"},
     )
