@@ -292,7 +292,8 @@ def markdown_summary(
             f"{display.scientific(m.kl_mean, m.kl_mean_stderr)} | {floor_text} | {verdict} |"
         )
     for label, message in failures or []:
-        lines.append(f"| {label} | — | — | — | — | — | — | failed: {message.replace('|', '/')} |")
+        reason = " ".join(message.split()).replace("|", "/")  # one table cell: no line breaks, no pipes
+        lines.append(f"| {label} | — | — | — | — | — | — | failed: {reason} |")
     lines.append("")
     if any(a.manifest.peak_disk_bytes is not None for a in artifacts):
         lines += ["Peak disk: the most its format's build held at once (intermediates and outputs), measured.", ""]

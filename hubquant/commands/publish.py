@@ -48,15 +48,28 @@ def _summary(result: Any) -> dict[str, Any]:
     }
 
 
+#: ``publish`` and ``push`` both append their report to a CI job's summary.
+summary_option = click.option(
+    "--summary",
+    "summary_file",
+    type=click.Path(dir_okay=False),
+    help="Append a Markdown report (each variant's size, peak disk, figures and gate; the repos when pushed) "
+    "to this file, e.g. $GITHUB_STEP_SUMMARY.",
+)
+
+
+def _append_summary(path: str, report: str) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(report)
+
+
 def _write_summary(path: str, result: Any, formats: tuple[str, ...]) -> None:
     from hubquant.publishing import markdown_summary
 
     quantized = result.quantized
     title = "hubquant publish" + (f" — {', '.join(formats)}" if formats else "")
     failures = [(v.spec.label, v.error.message if v.error else "failed") for v in quantized.failures]
-    report = markdown_summary(quantized.artifacts, result.pushed, title=title, failures=failures)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(report)
+    _append_summary(path, markdown_summary(quantized.artifacts, result.pushed, title=title, failures=failures))
 
 
 def _print_outcome(result: Any, summary: dict[str, Any]) -> None:
@@ -104,12 +117,7 @@ def _print_outcome(result: Any, summary: dict[str, Any]) -> None:
 )
 @click.option("--stage-dir", type=click.Path(file_okay=False), default="hubquant-hub-staging", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@click.option(
-    "--summary",
-    "summary_file",
-    type=click.Path(dir_okay=False),
-    help="Append a Markdown report (size, peak disk, figures, gate) to this file, e.g. $GITHUB_STEP_SUMMARY.",
-)
+@summary_option
 @tracking_options
 def publish(
     recipe_file: str | None,
@@ -258,12 +266,7 @@ def plan(
 @click.option("--no-collection", is_flag=True, help="Do not group the repos in a Hub collection.")
 @click.option("--no-track", is_flag=True, help="Do not look up or tag the variants' MLflow runs.")
 @click.option("--gated", is_flag=True, help="Publish only variants whose eval.json passed the quality gate.")
-@click.option(
-    "--summary",
-    "summary_file",
-    type=click.Path(dir_okay=False),
-    help="Append a Markdown report (variants, gate, repos) to this file, e.g. $GITHUB_STEP_SUMMARY.",
-)
+@summary_option
 @click.option("--json", "as_json", is_flag=True, help="Print what was published (or staged) as JSON.")
 def push(
     artifacts: tuple[str, ...],
@@ -316,8 +319,7 @@ def push(
     loaded = _gated(everything) if gated else everything
     outcome = push_artifacts(loaded, settings, token=get_token(), progress=Progress())
     if summary_file:
-        with open(summary_file, "a", encoding="utf-8") as handle:
-            handle.write(markdown_summary(everything, outcome))
+        _append_summary(summary_file, markdown_summary(everything, outcome))
     if as_json:
         click.echo(json.dumps({"dry_run": outcome.dry_run, "repos": [r.summary() for r in outcome.results]}, indent=2))
     else:
