@@ -135,22 +135,18 @@ def _lay_out(plan: RepoPlan) -> None:
             variant.files = [(p, p.relative_to(folder).as_posix()) for p in runnable]
     # Two variants may carry the very same file (one importance matrix for several GGUF types): it is
     # uploaded once. Different contents at one path would lose one of them.
-    seen: dict[str, str] = {}
-    digests: dict[str, str | None] = {}
+    seen: dict[str, tuple[str, str | None]] = {}  # repo path → (the variant writing it, its sha256)
     for variant in plan.variants:
         by_path = {entry.path: entry.sha256 for entry in variant.manifest.files}
         for local, remote in variant.files:
             digest = by_path.get(local.relative_to(variant.artifact.path).as_posix())
-            if remote in seen and seen[remote] != variant.folder and digest is not None and digest == digests[remote]:
-                continue
-            digests.setdefault(remote, digest)
-            if remote in seen and seen[remote] != variant.folder:
+            owner, owner_digest = seen.setdefault(remote, (variant.folder, digest))
+            if owner != variant.folder and (digest is None or digest != owner_digest):
                 raise RecipeError(
-                    f"{seen[remote]} and {variant.folder} would both write {remote} in {plan.repo_id}",
+                    f"{owner} and {variant.folder} would both write {remote} in {plan.repo_id}",
                     key="artifacts",
                     hint="publish them to different repos",
                 )
-            seen[remote] = variant.folder
 
 
 def plan_repos(
