@@ -364,6 +364,7 @@ def evaluate_artifacts(
     tracking: TrackingSettings | None = None,
     reuse: bool = False,
     scratch: Path | None = None,
+    experiment: str | None = None,
 ) -> EvalResult:
     """Measure artifacts (and their runtimes' floors), draw the chart, and record each variant's MLflow run.
 
@@ -374,7 +375,7 @@ def evaluate_artifacts(
     from hubquant.evaluate import evaluate
     from hubquant.tracking import LogCapture
 
-    tracker = _open_tracker(source, tracking, None)
+    tracker = _open_tracker(source, tracking, experiment)
     capture = LogCapture()
     say = _progress(capture, progress)
     with contextlib.ExitStack() as stack:
@@ -467,6 +468,7 @@ def publish(
         tracking=tracking,
         reuse=True,
         scratch=recipe.scratch,
+        experiment=recipe.experiment,  # the same runs the builds were recorded in
     )
     passed, result.held_back = gated(quantized.artifacts)
     for artifact, why in result.held_back:
