@@ -217,6 +217,35 @@ def _settings_text(sample: Evaluation | None) -> dict[str, Any]:
     }
 
 
+def task_table(plan: RepoPlan) -> tuple[list[dict[str, str]], str]:
+    """The repo's lm-eval task rows (the original's first, from the variants' records) and how they were scored."""
+    evaluations = [(v.label, v.evaluation) for v in plan.variants if v.evaluation and v.evaluation.tasks]
+    if not evaluations:
+        return [], ""
+    first = evaluations[0][1].tasks
+    assert first is not None
+    scores = [s.model_copy(update={"value": s.reference, "stderr": s.reference_stderr}) for s in first.scores]
+    original = evaluations[0][1].model_copy(
+        update={"label": "original", "is_reference": True, "tasks": first.model_copy(update={"scores": scores})}
+    )
+    rows = [original] + [e.model_copy(update={"label": label}) for label, e in evaluations]
+    limit = first.settings.get("limit")
+    shots = first.settings.get("num_fewshot")
+    note = (
+        f"Scored with lm-evaluation-harness {first.lm_eval_version} through hubquant's adapter: every runtime "
+        "and the original (PyTorch, float32) get the same requests, tokenized once with the original tokenizer; "
+        "± one standard error (lm-eval's); recovery = variant / original, paired over the same examples. "
+        + (
+            f"**Only the first {limit} examples of each task were scored** (a limit), so the scores are not "
+            "comparable with full-task scores published elsewhere. "
+            if limit
+            else "Every example was scored. "
+        )
+        + (f"{shots}-shot." if shots is not None else "Each task's own few-shot setting.")
+    )
+    return display.task_rows(rows), note
+
+
 def _description(plan: RepoPlan, context: CardContext, display_name: str) -> str:
     source = context.source
     source_id, is_hub = _source_link(context)
@@ -264,6 +293,7 @@ def build_card(plan: RepoPlan, context: CardContext) -> ModelCard:
     text_name = sample.text.name if sample else ""
     text_name = "hubquant-eval-text" if text_name == "builtin" else text_name
     eval_results = _eval_results(plan, text_name)
+    tasks = task_table(plan)
     tools: dict[str, str] = {}
     for variant in plan.variants:
         tools.update(variant.manifest.tools)
@@ -282,6 +312,8 @@ def build_card(plan: RepoPlan, context: CardContext) -> ModelCard:
             sample.fidelity if sample else None, exporter.display_name, sample.fidelity_note if sample else None
         ),
         variant_notes=variant_notes(plan),
+        task_rows=tasks[0],
+        task_note=tasks[1],
         device_advice=device_advice([(v.format, v.precision) for v in plan.variants]),
         snippets=exporter.snippets(plan),
         siblings=[

@@ -87,3 +87,44 @@ def scientific(value: float | None, stderr: float | None, *, compact: bool = Fal
     if compact or stderr is None:
         return f"{value:.2e}"
     return f"{value:.2e} ± {stderr:.1e}"
+
+
+def task_rows(rows: list[Any]) -> list[dict[str, str]]:
+    """The task scores of evaluation rows, one line per (task metric, row), for the table and the cards.
+
+    Only metrics that come with a standard error are shown (lm-eval gives none for perplexity-like
+    ones; they stay in eval.json). Keys: ``task``, ``label``, ``score``, ``recovery``.
+    """
+    keys: dict[tuple[str, str, str], None] = {}
+    by_row: list[tuple[Any, dict[tuple[str, str, str], Any]]] = []
+    for row in rows:
+        if row.tasks is None:
+            continue
+        scores = {(s.task, s.metric, s.filter): s for s in row.tasks.scores if s.stderr is not None}
+        keys.update(dict.fromkeys(scores))
+        by_row.append((row, scores))
+    lines = []
+    for key in keys:
+        task, metric, filter_name = key
+        name = f"{task} {metric}" + ("" if filter_name == "none" else f" ({filter_name})")
+        for row, scores in by_row:
+            score = scores.get(key)
+            if score is None:
+                continue
+            recovery = (
+                "—"
+                if row.is_reference
+                else plus_minus(score.recovery, score.recovery_stderr, ".3f")
+                if score.recovery is not None
+                else "n/a (ref. 0)"
+            )
+            lines.append(
+                {
+                    "task": name,
+                    "label": row.label,
+                    "score": plus_minus(score.value, score.stderr, ".3f"),
+                    "recovery": recovery,
+                    "samples": str(score.samples),
+                }
+            )
+    return lines

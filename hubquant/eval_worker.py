@@ -170,7 +170,12 @@ def main(argv: list[str]) -> int:
     job = {**json.loads(Path(argv[0]).read_text()), "started": time.perf_counter()}
     checkpoint("evaluating")
     try:
-        result = run_reference(job) if job["kind"] == "reference" else run_artifact(job)
+        if job["kind"] == "tasks":
+            from hubquant.task_worker import run_tasks_job
+
+            result = run_tasks_job(job)
+        else:
+            result = run_reference(job) if job["kind"] == "reference" else run_artifact(job)
     except HubquantError as exc:
         result = {"error": exc.message, "hint": exc.hint}
     Path(job["result"]).write_text(json.dumps(result))

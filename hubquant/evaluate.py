@@ -19,6 +19,7 @@ Metrics (names shared by ``eval.json``, the table, MLflow and model cards): see 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -34,15 +35,18 @@ from typing import TYPE_CHECKING, Any
 from hubquant.errors import ArtifactError, HubquantError
 from hubquant.eval_worker import run_worker
 from hubquant.fidelity import FloorPlan, fidelity_record, plan_floors
+from hubquant.gate import GateSettings, apply_gate
 from hubquant.recipe import EvalSection
-from hubquant.records import Evaluation, Fidelity, Gate, Metrics, SourceFacts, TextFacts, VariantRecord
+from hubquant.records import Evaluation, Fidelity, Metrics, SourceFacts, TextFacts, VariantRecord
 from hubquant.reference import reference
+from hubquant.tasks import TaskSettings
 from hubquant.text import EvalText
 
 if TYPE_CHECKING:
     from hubquant.artifact import Artifact
     from hubquant.exporters.base import Progress
     from hubquant.source import SourceModel
+    from hubquant.tasks import TaskPlan
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ class EvalSettings:
     reference_weights: str = "auto"
     #: Measure each runtime's fidelity floor (its unquantized deviation from the reference).
     fidelity: bool = True
+    #: lm-eval tasks to score every variant on (see hubquant.tasks); None: none.
+    tasks: TaskSettings | None = None
 
     @classmethod
     def of(cls, section: Any) -> EvalSettings:
@@ -73,6 +79,12 @@ class EvalSettings:
             gen_tokens=section.gen_tokens,
             reference_weights=section.reference_weights,
             fidelity=section.fidelity,
+            tasks=TaskSettings.parse(
+                section.tasks,
+                limit=section.task_limit,
+                num_fewshot=section.num_fewshot,
+                max_length=section.task_max_length,
+            ),
         )
 
     def key(self) -> dict[str, Any]:
@@ -81,27 +93,13 @@ class EvalSettings:
 
     def record(self) -> dict[str, Any]:
         """What an evaluation's figures depend on (a stored evaluation is reused only when equal)."""
-        return {
+        record: dict[str, Any] = {
             "context": self.context,
             "max_windows": self.max_windows,
             "prompt_tokens": self.prompt_tokens,
             "gen_tokens": self.gen_tokens,
         }
-
-
-@dataclass
-class GateSettings:
-    """The quality gate: variants beyond a limit are marked and held back from publishing."""
-
-    max_ppl_delta: float | None = None
-    max_kl: float | None = None
-    #: Hold back every variant of a runtime whose own unquantized KL exceeds this (None: warn only).
-    max_runtime_kl: float | None = None
-
-    @classmethod
-    def of(cls, section: Any) -> GateSettings:
-        """The gate a recipe's ``eval`` section asks for."""
-        return cls(max_ppl_delta=section.max_ppl_delta, max_kl=section.max_kl, max_runtime_kl=section.max_runtime_kl)
+        return {**record, "tasks": self.tasks.record()} if self.tasks else record
 
 
 def machine_facts() -> dict[str, Any]:
@@ -139,29 +137,6 @@ def variant_labels(artifacts: list[Artifact]) -> dict[Path, str]:
             label = f"{artifact.format} {name[len(prefix) :] if name.startswith(prefix) else name}"
         labels[artifact.path] = label
     return labels
-
-
-def apply_gate(row: Evaluation, gate: GateSettings) -> None:
-    """Mark a row that fails the quality gate, with every reason."""
-    m, reasons = row.metrics, []
-    if row.error:
-        reasons.append(f"not measured: {row.error}")
-    if gate.max_ppl_delta is not None and m.ppl_delta_pct is not None and m.ppl_delta_pct > gate.max_ppl_delta:
-        reasons.append(f"Δ perplexity {m.ppl_delta_pct:+.2f}% > {gate.max_ppl_delta}%")
-    if gate.max_kl is not None and m.kl_mean is not None and m.kl_mean > gate.max_kl:
-        reasons.append(f"KL {m.kl_mean:.4g} > {gate.max_kl}")
-    if gate.max_runtime_kl is not None and row.fidelity is not None and row.fidelity.kl_mean > gate.max_runtime_kl:
-        reasons.append(
-            f"{row.fidelity.format}'s unquantized KL {row.fidelity.kl_mean:.4g} > {gate.max_runtime_kl} "
-            "(the runtime computes this model differently)"
-        )
-    row.gate = Gate(
-        passed=not reasons,
-        reasons=reasons,
-        max_ppl_delta_pct=gate.max_ppl_delta,
-        max_kl=gate.max_kl,
-        max_runtime_kl=gate.max_runtime_kl,
-    )
 
 
 def _pair(values: list[float | None] | None) -> tuple[float | None, float | None]:
@@ -406,6 +381,19 @@ class Evaluator:
         write_evaluation(artifact.path, row)
         return row
 
+    def score_tasks(self, rows: list[Evaluation], plan: TaskPlan) -> None:
+        """Every row's lm-eval task scores (see :mod:`hubquant.tasks`), written to its eval.json."""
+        from hubquant.records import write_evaluation
+        from hubquant.tasks import score_tasks
+
+        def finish(row: Evaluation) -> None:
+            apply_gate(row, self.gate)
+            write_evaluation(Path(str(row.path)), row)
+
+        weights = str(self.ref_row.variant.options.get("weights", "fp32"))
+        run = functools.partial(run_worker, work=self.work)
+        score_tasks(rows, self.source, plan, weights=weights, run=run, say=self.say, finish=finish)
+
     def _previous(self, artifact: Artifact, floor_key: str | None) -> Evaluation | None:
         previous = artifact.evaluation()
         if previous is None or previous.error:
@@ -451,6 +439,11 @@ def evaluate(
         check_artifact_source(artifact, source)
         get_exporter(artifact.format).check_installed()
     say: Callable[[str], None] = progress or (lambda line: None)
+    task_plan = None
+    if settings.tasks is not None:
+        from hubquant.tasks import resolve_tasks
+
+        task_plan = resolve_tasks(settings.tasks)  # an unknown task is refused before any work
     with tempfile.TemporaryDirectory(prefix="hubquant-eval-") as tmp:
         evaluator = Evaluator(
             source,
@@ -462,4 +455,7 @@ def evaluate(
             work=Path(tmp),
             build_floor=build_floor,
         )
-        return evaluator.run(artifacts)
+        rows = evaluator.run(artifacts)
+        if task_plan is not None:
+            evaluator.score_tasks(rows, task_plan)
+        return rows

@@ -71,6 +71,14 @@ class EvalSection(BaseModel):
     fidelity: bool = True
     #: Hold back the variants of a runtime whose unquantized KL exceeds this; default: publish with the finding.
     max_runtime_kl: float | None = None
+    #: lm-eval tasks to score every variant on: task or group names, or task YAML files / folders.
+    tasks: list[str] = Field(default_factory=list)
+    #: Examples per task (the first N; a card says when a limit was used).
+    task_limit: int | None = Field(None, ge=1)
+    #: Few-shot examples (default: each task's own).
+    num_fewshot: int | None = Field(None, ge=0)
+    #: Tokens a task request may use (lm-eval's default for models that do not say).
+    task_max_length: int = Field(2048, ge=16)
 
     @model_validator(mode="after")
     def _one_text(self) -> EvalSection:

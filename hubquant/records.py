@@ -185,6 +185,59 @@ class Gate(_Record):
     max_runtime_kl: float | None = None
 
 
+class TaskScore(_Record):
+    """One lm-eval metric of one task for one variant, beside the reference's (see :mod:`hubquant.tasks`)."""
+
+    task: str
+    metric: str
+    #: lm-eval's filter (``none`` for multiple-choice and loglikelihood tasks).
+    filter: str = "none"
+    value: float
+    #: lm-eval's standard error; None where lm-eval gives none (perplexity-like metrics).
+    stderr: float | None = None
+    higher_is_better: bool | None = None
+    reference: float | None = None
+    reference_stderr: float | None = None
+    #: value / reference, with its paired standard error over the same examples.
+    recovery: float | None = None
+    recovery_stderr: float | None = None
+    #: Examples scored (after ``limit``) and few-shot examples shown.
+    samples: int = 0
+    num_fewshot: int | None = None
+
+
+class TaskResults(_Record):
+    """The lm-eval tasks a variant was scored on, and how."""
+
+    #: tasks, limit, num_fewshot, max_length (what the scores depend on).
+    settings: dict[str, Any] = Field(default_factory=dict)
+    lm_eval_version: str = ""
+    scores: list[TaskScore] = Field(default_factory=list)
+    seconds: float = 0.0
+    #: Forward passes and examples; time per example = seconds / examples.
+    examples: int = 0
+    forward_passes: int = 0
+
+    def numbers(self) -> dict[str, float]:
+        """MLflow metrics: ``task.<task>.<metric>`` (``.<filter>`` unless none), with ``_stderr``,
+        ``_recovery`` and ``_recovery_stderr`` where known."""
+        import re
+
+        out: dict[str, float] = {}
+        for score in self.scores:
+            name = f"task.{score.task}.{score.metric}" + ("" if score.filter == "none" else f".{score.filter}")
+            name = re.sub(r"[^\w./ -]", "_", name)
+            for suffix, value in (
+                ("", score.value),
+                ("_stderr", score.stderr),
+                ("_recovery", score.recovery),
+                ("_recovery_stderr", score.recovery_stderr),
+            ):
+                if value is not None:
+                    out[name + suffix] = value
+        return out
+
+
 class Evaluation(_Record):
     """One row of a comparison — the reference or a variant — and, for a variant, its ``eval.json``."""
 
@@ -215,6 +268,8 @@ class Evaluation(_Record):
     warnings: list[str] = Field(default_factory=list)
     speed_note: str | None = None
     timing: dict[str, float] = Field(default_factory=dict)
+    #: lm-eval task scores (``hubquant eval --tasks``); None when no task was asked for.
+    tasks: TaskResults | None = None
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 

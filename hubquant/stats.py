@@ -89,6 +89,20 @@ def proportion(flags: np.ndarray) -> Estimate:
     return Estimate(p, math.sqrt(p * (1.0 - p) / n) if n > 1 else None)
 
 
+def ratio_of_means(values: np.ndarray, base: np.ndarray) -> Estimate | None:
+    """``mean(values) / mean(base)`` over paired examples, with its delta-method standard error
+    ``sd(values - R·base) / (√N · mean(base))``; None when the base's mean is zero."""
+    import numpy as np
+
+    values, base = np.asarray(values, dtype=np.float64), np.asarray(base, dtype=np.float64)
+    n, base_mean = int(values.size), float(base.mean()) if base.size else 0.0
+    if n == 0 or base_mean == 0.0:
+        return None
+    ratio = float(values.mean()) / base_mean
+    spread = float((values - ratio * base).std(ddof=1)) if n > 1 else None
+    return Estimate(ratio, None if spread is None else spread / (math.sqrt(n) * abs(base_mean)))
+
+
 def percentile(values: np.ndarray, q: float) -> float:
     import numpy as np
 

@@ -73,6 +73,7 @@ def render_table(rows: list[Evaluation]) -> str:
     )
     lines.append("KL q: KL vs the runtime's own unquantized output (the quantization alone); RSS in MB")
     lines += floor_lines(rows)
+    lines += task_lines(rows)
     for row in rows:
         lines += [f"! {row.label}: {warning}" for warning in row.warnings]
         if row.speed_note:
@@ -81,6 +82,30 @@ def render_table(rows: list[Evaluation]) -> str:
         if not row.gate.passed:
             lines.append(f"✗ {row.label}: fails the quality gate ({'; '.join(row.gate.reasons)})")
     return "\n".join(wrapped for line in lines for wrapped in _wrap(line))
+
+
+def task_lines(rows: list[Evaluation]) -> list[str]:
+    """The lm-eval task table below the comparison (nothing when no task was scored)."""
+    found = display.task_rows(rows)
+    runs = [row.tasks for row in rows if row.tasks is not None]
+    if not found or not runs:
+        return []
+    settings = runs[0].settings
+    limit = f"the first {settings['limit']} examples of each task" if settings.get("limit") else "every example"
+    width = min(max(len(line["task"]) for line in found), 30)
+    label = min(max(len(line["label"]) for line in found), _LABEL_MAX)
+    head = f"{'task':<{width}} {'variant':<{label}} {'score ± se':>17} {'recovery ± se':>15}"
+    lines = ["", f"lm-eval {runs[0].lm_eval_version} tasks, {limit}; recovery = variant / reference, paired", head]
+    lines.append("─" * len(head))
+    previous = None
+    for line in found:
+        task = "" if line["task"] == previous else line["task"]
+        previous = line["task"]
+        lines.append(
+            f"{_clip(task, width):<{width}} {_clip(line['label'], label):<{label}} "
+            f"{line['score']:>17} {line['recovery']:>15}"
+        )
+    return lines
 
 
 def _wrap(line: str, width: int = 100) -> list[str]:

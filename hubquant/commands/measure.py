@@ -63,6 +63,23 @@ EVAL_DEFAULTS = EvalSection.model_fields
     "variant when the run has none; deleted after).",
 )
 @click.option(
+    "--tasks",
+    metavar="TASK[,TASK…]",
+    help="Also score lm-eval tasks on every variant and the reference: task or group names, or task YAML "
+    "files / folders (needs hubquant[tasks]). Accuracy ± standard error and recovery vs the reference.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="With --tasks: score the first N examples of each task.")
+@click.option(
+    "--num-fewshot", type=click.IntRange(min=0), help="With --tasks: few-shot examples (default: the task's)."
+)
+@click.option(
+    "--task-max-length",
+    type=click.IntRange(min=16),
+    default=EVAL_DEFAULTS["task_max_length"].default,
+    show_default=True,
+    help="With --tasks: tokens a request may use (at most the model's positions).",
+)
+@click.option(
     "--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw size against Δ perplexity and KL to a PNG."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
@@ -81,6 +98,10 @@ def eval_command(
     max_kl: float | None,
     max_runtime_kl: float | None,
     fidelity: bool,
+    tasks: str | None,
+    limit: int | None,
+    num_fewshot: int | None,
+    task_max_length: int,
     plot_path: str | None,
     as_json: bool,
     no_track: bool,
@@ -95,8 +116,9 @@ def eval_command(
     2 when one fails the quality gate.
 
     \b
-    Example:
+    Examples:
       hubquant eval out/gguf-* --max-ppl-delta 5 --plot tradeoff.png
+      hubquant eval out/* --tasks arc_easy,hellaswag --limit 200
     """
     from hubquant.artifact import load_artifact
     from hubquant.evaluate import EvalSettings, GateSettings
@@ -115,6 +137,7 @@ def eval_command(
         gen_tokens=gen_tokens,
         reference_weights=reference_weights,
         fidelity=fidelity,
+        tasks=_tasks(tasks, limit=limit, num_fewshot=num_fewshot, max_length=task_max_length),
     )
     result = evaluate_artifacts(
         loaded,
@@ -127,6 +150,15 @@ def eval_command(
         tracking=tracking(no_track, experiment, new_run),
     )
     _report(result, as_json=as_json)
+
+
+def _tasks(tasks: str | None, *, limit: int | None, num_fewshot: int | None, max_length: int) -> Any:
+    from hubquant.tasks import TaskSettings
+
+    settings = TaskSettings.parse(tasks or "", limit=limit, num_fewshot=num_fewshot, max_length=max_length)
+    if settings is None and (limit is not None or num_fewshot is not None):
+        raise RecipeError("--limit and --num-fewshot apply to --tasks, and no task was named", hint="add --tasks")
+    return settings
 
 
 def _report(result: Any, *, as_json: bool) -> None:
