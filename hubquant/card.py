@@ -150,7 +150,31 @@ def _eval_results(plan: RepoPlan, text_name: str) -> list[Any]:
                 metric_value=round(float(evaluation.metrics.perplexity), 4),
             )
         )
+        results += _task_results(variant.label, evaluation)
     return results
+
+
+def _task_results(label: str, evaluation: Evaluation) -> list[Any]:
+    """Task scores for the model index — only when every example was scored (a limited score is
+    not comparable with published ones) and lm-eval gave a standard error."""
+    from huggingface_hub import EvalResult
+
+    tasks = evaluation.tasks
+    if tasks is None or tasks.settings.get("limit"):
+        return []
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Text generation",
+            dataset_type=score.dataset or score.task,
+            dataset_name=score.task,
+            metric_type=score.metric,
+            metric_name=f"{score.metric} ({label}, lm-eval {tasks.lm_eval_version})",
+            metric_value=round(float(score.value), 4),
+        )
+        for score in tasks.scores
+        if score.stderr is not None
+    ]
 
 
 def _card_data(plan: RepoPlan, context: CardContext, eval_results: list[Any]) -> Any:

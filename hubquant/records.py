@@ -204,6 +204,8 @@ class TaskScore(_Record):
     #: Examples scored (after ``limit``) and few-shot examples shown.
     samples: int = 0
     num_fewshot: int | None = None
+    #: The Hub dataset the task reads (None for local files).
+    dataset: str | None = None
 
 
 class TaskResults(_Record):

@@ -81,6 +81,13 @@ def _metrics(results: dict[str, Any], higher: dict[str, bool]) -> list[dict[str,
     return metrics
 
 
+def _dataset(config: dict[str, Any]) -> str | None:
+    """The Hub dataset a task reads (None for local files and groups)."""
+    path = config.get("dataset_path")
+    local = (None, "json", "csv", "parquet", "text", "arrow")
+    return None if path in local or Path(str(path)).exists() else str(path)
+
+
 def report(out: dict[str, Any], requested: list[str]) -> dict[str, Any]:
     """The part of lm-eval's output hubquant keeps (see the module's docstring)."""
     groups = out.get("group_subtasks", {})
@@ -96,6 +103,7 @@ def report(out: dict[str, Any], requested: list[str]) -> dict[str, Any]:
         tasks[name] = {
             "samples": sum(int(out.get("n-samples", {}).get(leaf, {}).get("effective", 0)) for leaf in leaves),
             "num_fewshot": out.get("n-shot", {}).get(name, out.get("n-shot", {}).get(leaves[0])),
+            "dataset": _dataset(out.get("configs", {}).get(name, {})),
             "metrics": _metrics(out["results"][name], higher),
             "per_doc": _per_doc(samples, leaves),
             "responses": {leaf: _responses(samples.get(leaf, [])) for leaf in leaves},

@@ -218,6 +218,7 @@ def task_results(result: dict[str, Any], reference: dict[str, Any] | None, plan:
                     recovery_stderr=recovery[1],
                     samples=task["samples"],
                     num_fewshot=task["num_fewshot"],
+                    dataset=task.get("dataset"),
                 )
             )
     return TaskResults(

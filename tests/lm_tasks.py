@@ -4,6 +4,8 @@
   ``acc`` and ``acc_norm``; ``hubquant_mc_fewshot`` is the same questions with two examples shown.
 - ``hubquant_rolling``: ``loglikelihood_rolling`` over a few paragraphs (word/byte perplexity).
 - ``hubquant_gen``: ``generate_until`` the next question (or 8 tokens), scored by exact match.
+- ``hubquant_group`` (:func:`write_group`, a folder of its own): two multiple-choice tasks over
+  halves of the questions, aggregated by lm-eval weighted by size.
 
 lm-eval's task YAML reads ``data_files`` relative to the working directory, so the files are
 written with absolute paths into the folder given.
@@ -108,3 +110,35 @@ def write_tasks(folder: Path, count: int = len(QUESTIONS)) -> Path:
         ],
     )
     return folder
+
+
+def write_group(folder: Path) -> Path:
+    """A group of two multiple-choice tasks (the questions split in two) in ``folder``; return the group YAML."""
+    folder.mkdir(parents=True, exist_ok=True)
+    half = len(QUESTIONS) // 2 + 1
+    for name, part in (("hubquant_ga", QUESTIONS[:half]), ("hubquant_gb", QUESTIONS[half:])):
+        data = _jsonl(folder / f"{name}.jsonl", [{"question": q, "choices": c, "answer": a} for q, c, a in part])
+        _yaml(
+            folder / f"{name}.yaml",
+            [
+                f"task: {name}",
+                "dataset_path: json",
+                f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(data))}}}}}",
+                "test_split: test",
+                "output_type: multiple_choice",
+                'doc_to_text: "{{question}}"',
+                'doc_to_choice: "{{choices}}"',
+                'doc_to_target: "{{answer}}"',
+                "metric_list:",
+                "  - {metric: acc, aggregation: mean, higher_is_better: true}",
+            ],
+        )
+    return _yaml(
+        folder / "hubquant_group.yaml",
+        [
+            "group: hubquant_group",
+            "task: [hubquant_ga, hubquant_gb]",
+            "aggregate_metric_list:",
+            "  - {metric: acc, aggregation: mean, weight_by_size: true}",
+        ],
+    )

@@ -153,3 +153,19 @@ def test_reference_can_keep_bf16_weights_and_gives_the_same_logits(
     assert held < sum(p.numel() * p.element_size() for p in wide._model.parameters())
     a, b = wide.logits(ids), narrow.logits(ids)
     assert b.dtype == np.float32 and np.allclose(a, b, rtol=1e-5, atol=1e-5), float(np.abs(a - b).max())
+
+
+def test_task_benchmark_reports_the_cost_of_each_runner(tiny_phi3: Path, tmp_path: Path) -> None:
+    import tasks as task_bench
+
+    from conftest import quantize_json
+
+    [artifact] = quantize_json(tiny_phi3, tmp_path / "out", "gguf", "Q8_0")
+    out = tmp_path / "report"
+    task_bench.main([str(tiny_phi3), artifact["path"], "--limit", "3", "--max-length", "256", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["runner"] for r in report["rows"]] == ["reference", "gguf-Q8_0"]
+    for row in report["rows"]:
+        assert row["examples"] == 3 and 0 < row["forward_passes"] <= 3 * 4 and row["forward_tokens"] > 3 * 40
+        assert row["seconds_per_100_examples"] > 0 and row["ms_per_token"] > 0
+    assert "| gguf-Q8_0 |" in out.with_suffix(".md").read_text()

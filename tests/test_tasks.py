@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import quantize_json, run_cli
-from lm_tasks import QUESTIONS, write_tasks
+from lm_tasks import QUESTIONS, write_group, write_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -173,6 +173,23 @@ def test_tasks_reach_the_table_eval_json_mlflow_and_card(
     card = (tmp_path / "stage" / "ns" / "tiny-phi3-GGUF" / "files" / "README.md").read_text()
     assert "### Task accuracy" in card and "Only the first 10 examples of each task were scored" in card
     assert "| hubquant_mc acc | original |" in card and "| hubquant_mc acc | Q2_K |" in card
+
+
+def test_a_group_is_scored_as_lm_eval_aggregates_it(tiny_phi3: Path, tmp_path: Path) -> None:
+    """A group's row is lm-eval's size-weighted aggregate; its recovery pools the examples of its tasks."""
+    group = write_group(tmp_path / "group")
+    [artifact] = quantize_json(tiny_phi3, tmp_path / "out", "gguf", "Q2_K")
+    code, table, err = run_cli(
+        "eval", artifact["path"], "--context", "128", "--max-windows", "1", "--no-fidelity",
+        "--tasks", str(group), "--task-max-length", "256", "--no-track",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "hubquant_group acc" in table and "hubquant_ga" not in table, "the group, not its tasks"
+    [score] = json.loads((Path(artifact["path"]) / "eval.json").read_text())["tasks"]["scores"]
+    assert score["task"] == "hubquant_group" and score["samples"] == len(QUESTIONS)
+    assert score["stderr"] is not None and score["recovery_stderr"] is not None
+    if score["reference"]:
+        assert score["recovery"] == pytest.approx(score["value"] / score["reference"])
 
 
 def test_task_inputs_are_refused_before_any_work(

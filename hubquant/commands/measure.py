@@ -98,15 +98,12 @@ def eval_command(
     max_kl: float | None,
     max_runtime_kl: float | None,
     fidelity: bool,
-    tasks: str | None,
-    limit: int | None,
-    num_fewshot: int | None,
-    task_max_length: int,
     plot_path: str | None,
     as_json: bool,
     no_track: bool,
     experiment: str | None,
     new_run: bool,
+    **task_flags: Any,
 ) -> None:
     """Measure ARTIFACTS against their source on the same token ids and print the comparison.
 
@@ -120,16 +117,11 @@ def eval_command(
       hubquant eval out/gguf-* --max-ppl-delta 5 --plot tradeoff.png
       hubquant eval out/* --tasks arc_easy,hellaswag --limit 200
     """
-    from hubquant.artifact import load_artifact
     from hubquant.evaluate import EvalSettings, GateSettings
     from hubquant.pipeline import evaluate_artifacts
-    from hubquant.source import resolve_source
     from hubquant.text import eval_text
 
-    loaded = [load_artifact(path) for path in artifacts]
-    source = source or loaded[0].manifest.source.path
-    if not source:
-        raise RecipeError("the artifact's manifest names no source", hint="pass --source")
+    loaded, resolved = _load(artifacts, source)
     settings = EvalSettings(
         context=context,
         max_windows=max_windows,
@@ -137,11 +129,11 @@ def eval_command(
         gen_tokens=gen_tokens,
         reference_weights=reference_weights,
         fidelity=fidelity,
-        tasks=_tasks(tasks, limit=limit, num_fewshot=num_fewshot, max_length=task_max_length),
+        tasks=_tasks(**task_flags),
     )
     result = evaluate_artifacts(
         loaded,
-        resolve_source(source),
+        resolved,
         text=eval_text(text_path=text_path, dataset=dataset),
         settings=settings,
         gate=GateSettings(max_ppl_delta=max_ppl_delta, max_kl=max_kl, max_runtime_kl=max_runtime_kl),
@@ -152,10 +144,22 @@ def eval_command(
     _report(result, as_json=as_json)
 
 
-def _tasks(tasks: str | None, *, limit: int | None, num_fewshot: int | None, max_length: int) -> Any:
+def _load(artifacts: tuple[str, ...], source: str | None) -> tuple[list[Any], Any]:
+    """The artifacts, and their source (by default the one the first artifact's manifest names)."""
+    from hubquant.artifact import load_artifact
+    from hubquant.source import resolve_source
+
+    loaded = [load_artifact(path) for path in artifacts]
+    source = source or loaded[0].manifest.source.path
+    if not source:
+        raise RecipeError("the artifact's manifest names no source", hint="pass --source")
+    return loaded, resolve_source(source)
+
+
+def _tasks(tasks: str | None, limit: int | None, num_fewshot: int | None, task_max_length: int) -> Any:
     from hubquant.tasks import TaskSettings
 
-    settings = TaskSettings.parse(tasks or "", limit=limit, num_fewshot=num_fewshot, max_length=max_length)
+    settings = TaskSettings.parse(tasks or "", limit=limit, num_fewshot=num_fewshot, max_length=task_max_length)
     if settings is None and (limit is not None or num_fewshot is not None):
         raise RecipeError("--limit and --num-fewshot apply to --tasks, and no task was named", hint="add --tasks")
     return settings
