@@ -213,3 +213,13 @@ def test_task_inputs_are_refused_before_any_work(
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     code, _, err = run_cli(*eval_args, "--tasks", str(tasks))
     assert code == 1 and "hubquant[tasks]" in err and "Traceback" not in err
+
+
+def test_a_recipe_with_tasks_installs_lm_eval_in_each_matrix_job(untrained_phi3: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    variants = [{"format": "gguf", "precision": "Q8_0"}, {"format": "mlx", "precision": "4bit"}]
+    for tasks, expected in (([], ["gguf", "mlx"]), (["arc_easy"], ["gguf,tasks", "mlx,tasks"])):
+        recipe.write_text(json.dumps({"source": str(untrained_phi3), "variants": variants, "eval": {"tasks": tasks}}))
+        code, out, err = run_cli("plan", str(recipe), "--github-matrix")
+        assert code == 0, err
+        assert [job["extra"] for job in json.loads(out)["include"]] == expected

@@ -209,9 +209,13 @@ def plan(
     from hubquant.recipe import publish_recipe
 
     recipe = publish_recipe(recipe_file, source=source, profile=profile, revision=revision)
+
+    def extra(fmt: str) -> str:  # a job that scores lm-eval tasks installs them too
+        return get_exporter(fmt).extra + (",tasks" if recipe.eval.tasks else "")
+
     if per_variant:
         include = [
-            {"name": spec.label, "format": spec.format, "extra": get_exporter(spec.format).extra, "variant": index}
+            {"name": spec.label, "format": spec.format, "extra": extra(spec.format), "variant": index}
             for index, spec in enumerate(recipe.variants)
         ]
     else:
@@ -220,7 +224,7 @@ def plan(
             {
                 "name": fmt,
                 "format": fmt,
-                "extra": get_exporter(fmt).extra,
+                "extra": extra(fmt),
                 "variants": sum(1 for s in recipe.variants if s.format == fmt),
             }
             for fmt in formats
