@@ -31,6 +31,8 @@ def write_task(folder: Path, source: Path, *, count: int, context: int, ending: 
 
     from transformers import AutoTokenizer
 
+    from hubquant.tasks import write_choice_task
+
     tokenizer = AutoTokenizer.from_pretrained(source)
     ids = tokenizer.encode(files("hubquant").joinpath("data/eval.txt").read_text(), add_special_tokens=False)
     need = context + choices * ending
@@ -48,27 +50,7 @@ def write_task(folder: Path, source: Path, *, count: int, context: int, ending: 
                 "answer": 0,
             }
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "shaped.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "shaped.yaml").write_text(
-        "\n".join(
-            [
-                "task: hubquant_shaped_mc",
-                "dataset_path: json",
-                f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(data))}}}}}",
-                "test_split: test",
-                "output_type: multiple_choice",
-                'doc_to_text: "{{question}}"',
-                'doc_to_choice: "{{choices}}"',
-                'doc_to_target: "{{answer}}"',
-                "metric_list:",
-                "  - {metric: acc, aggregation: mean, higher_is_better: true}",
-            ]
-        )
-        + "\n"
-    )
-    return folder / "shaped.yaml"
+    return write_choice_task(folder, "hubquant_shaped_mc", rows)
 
 
 def measure(source: Path, artifacts: list[Path], *, shape: str, limit: int, max_length: int) -> dict:
@@ -145,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+        # OUT may hold dots of its own (tasks-phi-3.5-mini): the suffixes are appended, never replaced
+        Path(f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+        Path(f"{args.out}.md").write_text(text)
     return 0
 
 

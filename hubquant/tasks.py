@@ -184,6 +184,35 @@ def max_length(settings: TaskSettings, source: SourceModel) -> int:
     return min(settings.max_length, int(positions))
 
 
+def write_choice_task(
+    folder: Path, name: str, examples: Sequence[dict[str, Any]], *, metrics: Sequence[str] = ("acc",), **extra: Any
+) -> Path:
+    """An lm-eval multiple-choice task over local examples — ``{"question", "choices", "answer"}``
+    (the index of the right choice) — for offline use: writes ``folder/NAME.jsonl`` and
+    ``folder/NAME.yaml`` and returns the YAML, which ``--tasks`` takes. The examples are the task's
+    test split and its few-shot source; ``extra`` adds task keys (``num_fewshot=2``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(dict(example)) + "\n" for example in examples), encoding="utf-8")
+    lines = [
+        f"task: {name}",
+        "dataset_path: json",
+        f"dataset_kwargs: {{data_files: {{train: {json.dumps(str(data))}, test: {json.dumps(str(data))}}}}}",
+        "training_split: train",
+        "test_split: test",
+        "output_type: multiple_choice",
+        'doc_to_text: "{{question}}"',
+        'doc_to_choice: "{{choices}}"',
+        'doc_to_target: "{{answer}}"',
+        "metric_list:",
+        *(f"  - {{metric: {metric}, aggregation: mean, higher_is_better: true}}" for metric in metrics),
+        *(f"{key}: {json.dumps(value)}" for key, value in extra.items()),
+    ]
+    path = folder / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 # -- scores ----------------------------------------------------------------------------------------
 def _paired(ours: dict[str, float], theirs: dict[str, float]) -> tuple[float | None, float | None]:
     import numpy as np

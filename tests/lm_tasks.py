@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hubquant.tasks import write_choice_task
+
 QUESTIONS = [
     ("In Python, a function is defined with the keyword", ["def", "class", "return", "import"], 0),
     ("A Python list is written between square", ["brackets", "quotes", "colons", "files"], 0),
@@ -58,25 +60,11 @@ def _yaml(path: Path, lines: list[str]) -> Path:
 def write_tasks(folder: Path, count: int = len(QUESTIONS)) -> Path:
     """Write the test tasks and their data into ``folder``; return it (an lm-eval include path)."""
     folder.mkdir(parents=True, exist_ok=True)
-    mc = _jsonl(folder / "mc.jsonl", [{"question": q, "choices": c, "answer": a} for q, c, a in QUESTIONS[:count]])
+    mc = [{"question": q, "choices": c, "answer": a} for q, c, a in QUESTIONS[:count]]
+    write_choice_task(folder, "hubquant_mc", mc, metrics=("acc", "acc_norm"))
+    write_choice_task(folder, "hubquant_mc_fewshot", mc, metrics=("acc", "acc_norm"), num_fewshot=2)
     rolling = _jsonl(folder / "rolling.jsonl", [{"text": p} for p in PARAGRAPHS])
     gen = _jsonl(folder / "gen.jsonl", [{"prompt": p, "answer": a} for p, a in PROMPTS])
-    mc_lines = [
-        "dataset_path: json",
-        "dataset_kwargs:",
-        f"  data_files: {{train: {json.dumps(str(mc))}, test: {json.dumps(str(mc))}}}",
-        "training_split: train",
-        "test_split: test",
-        "output_type: multiple_choice",
-        'doc_to_text: "{{question}}"',
-        'doc_to_choice: "{{choices}}"',
-        'doc_to_target: "{{answer}}"',
-        "metric_list:",
-        "  - {metric: acc, aggregation: mean, higher_is_better: true}",
-        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}",
-    ]
-    _yaml(folder / "hubquant_mc.yaml", ["task: hubquant_mc", *mc_lines])
-    _yaml(folder / "hubquant_mc_fewshot.yaml", ["task: hubquant_mc_fewshot", *mc_lines, "num_fewshot: 2"])
     _yaml(
         folder / "hubquant_rolling.yaml",
         [
@@ -117,22 +105,7 @@ def write_group(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     half = len(QUESTIONS) // 2 + 1
     for name, part in (("hubquant_ga", QUESTIONS[:half]), ("hubquant_gb", QUESTIONS[half:])):
-        data = _jsonl(folder / f"{name}.jsonl", [{"question": q, "choices": c, "answer": a} for q, c, a in part])
-        _yaml(
-            folder / f"{name}.yaml",
-            [
-                f"task: {name}",
-                "dataset_path: json",
-                f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(data))}}}}}",
-                "test_split: test",
-                "output_type: multiple_choice",
-                'doc_to_text: "{{question}}"',
-                'doc_to_choice: "{{choices}}"',
-                'doc_to_target: "{{answer}}"',
-                "metric_list:",
-                "  - {metric: acc, aggregation: mean, higher_is_better: true}",
-            ],
-        )
+        write_choice_task(folder, name, [{"question": q, "choices": c, "answer": a} for q, c, a in part])
     return _yaml(
         folder / "hubquant_group.yaml",
         [

@@ -161,11 +161,11 @@ def test_task_benchmark_reports_the_cost_of_each_runner(tiny_phi3: Path, tmp_pat
     from conftest import quantize_json
 
     [artifact] = quantize_json(tiny_phi3, tmp_path / "out", "gguf", "Q8_0")
-    out = tmp_path / "report"
+    out = tmp_path / "report-3.5"
     task_bench.main([str(tiny_phi3), artifact["path"], "--limit", "3", "--max-length", "256", "--out", str(out)])
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = json.loads(Path(f"{out}.json").read_text())
     assert [r["runner"] for r in report["rows"]] == ["reference", "gguf-Q8_0"]
     for row in report["rows"]:
         assert row["examples"] == 3 and 0 < row["forward_passes"] <= 3 * 4 and row["forward_tokens"] > 3 * 40
         assert row["seconds_per_100_examples"] > 0 and row["ms_per_token"] > 0
-    assert "| gguf-Q8_0 |" in out.with_suffix(".md").read_text()
+    assert "| gguf-Q8_0 |" in Path(f"{out}.md").read_text()
