@@ -214,14 +214,23 @@ def write_choice_task(
 
 
 # -- scores ----------------------------------------------------------------------------------------
-def _paired(ours: dict[str, float], theirs: dict[str, float]) -> tuple[float | None, float | None]:
+def paired_recovery(ours: dict[str, float], theirs: dict[str, float]) -> tuple[float | None, float | None]:
+    """Recovery = mean of ours / mean of theirs over the examples both scored, with its paired standard error."""
     import numpy as np
 
     from hubquant.stats import ratio_of_means
 
     docs = sorted(set(ours) & set(theirs))
-    estimate = ratio_of_means(np.array([ours[d] for d in docs]), np.array([theirs[d] for d in docs]))
-    return (None, None) if estimate is None else (estimate.value, estimate.stderr)
+    values, base = np.array([ours[d] for d in docs]), np.array([theirs[d] for d in docs])
+    estimate = ratio_of_means(values, base)
+    if estimate is None:
+        return None, None
+    stderr = estimate.stderr
+    if stderr is not None and np.isin(np.concatenate([values, base]), (0.0, 1.0)).all():
+        # Right/wrong per example: with no answer changed the paired error is 0, which claims more than
+        # n examples can show. It is never smaller than what one changed answer would give.
+        stderr = max(stderr, 1.0 / (len(docs) * float(base.mean())))
+    return estimate.value, stderr
 
 
 def task_results(result: dict[str, Any], reference: dict[str, Any] | None, plan: TaskPlan) -> TaskResults:
@@ -235,7 +244,7 @@ def task_results(result: dict[str, Any], reference: dict[str, Any] | None, plan:
             recovery: tuple[float | None, float | None] = (None, None)
             key = f"{m['metric']},{m['filter']}"
             if reference is not None and ref is not None and m["higher_is_better"]:
-                recovery = _paired(task["per_doc"].get(key, {}), ref_task.get("per_doc", {}).get(key, {}))
+                recovery = paired_recovery(task["per_doc"].get(key, {}), ref_task.get("per_doc", {}).get(key, {}))
             base = ref if reference is not None else m
             scores.append(
                 TaskScore(

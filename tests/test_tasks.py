@@ -216,3 +216,15 @@ def test_a_recipe_with_tasks_installs_lm_eval_in_each_matrix_job(untrained_phi3:
         code, out, err = run_cli("plan", str(recipe), "--github-matrix")
         assert code == 0, err
         assert [job["extra"] for job in json.loads(out)["include"]] == expected
+
+
+def test_recovery_error_is_never_below_what_one_changed_answer_gives() -> None:
+    from hubquant.tasks import paired_recovery
+
+    reference = {str(i): float(i % 2) for i in range(10)}  # 5 of 10 right
+    assert paired_recovery(reference, reference) == (1.0, pytest.approx(1 / (10 * 0.5)))
+    one_more = {**reference, "0": 1.0}
+    value, stderr = paired_recovery(one_more, reference)
+    assert value == pytest.approx(6 / 5) and stderr >= 1 / (10 * 0.5)
+    graded = {k: v * 0.5 + 0.25 for k, v in reference.items()}  # not right/wrong: no floor
+    assert paired_recovery(graded, graded) == (1.0, 0.0)
