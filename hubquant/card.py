@@ -243,16 +243,12 @@ def _settings_text(sample: Evaluation | None) -> dict[str, Any]:
 
 def task_table(plan: RepoPlan) -> tuple[list[dict[str, str]], str]:
     """The repo's lm-eval task rows (the original's first, from the variants' records) and how they were scored."""
-    evaluations = [(v.label, v.evaluation) for v in plan.variants if v.evaluation and v.evaluation.tasks]
-    if not evaluations:
+    rows = [v.evaluation.model_copy(update={"label": v.label}) for v in plan.variants if v.evaluation]
+    rows = [row for row in rows if row.tasks is not None]
+    if not rows:
         return [], ""
-    first = evaluations[0][1].tasks
+    first = rows[0].tasks
     assert first is not None
-    scores = [s.model_copy(update={"value": s.reference, "stderr": s.reference_stderr}) for s in first.scores]
-    original = evaluations[0][1].model_copy(
-        update={"label": "original", "is_reference": True, "tasks": first.model_copy(update={"scores": scores})}
-    )
-    rows = [original] + [e.model_copy(update={"label": label}) for label, e in evaluations]
     limit = first.settings.get("limit")
     shots = first.settings.get("num_fewshot")
     note = (
@@ -267,7 +263,7 @@ def task_table(plan: RepoPlan) -> tuple[list[dict[str, str]], str]:
         )
         + (f"{shots}-shot." if shots is not None else "Each task's own few-shot setting.")
     )
-    return display.task_rows(rows), note
+    return display.task_rows(rows, original="original"), note
 
 
 def _description(plan: RepoPlan, context: CardContext, display_name: str) -> str:

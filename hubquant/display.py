@@ -89,11 +89,13 @@ def scientific(value: float | None, stderr: float | None, *, compact: bool = Fal
     return f"{value:.2e} ± {stderr:.1e}"
 
 
-def task_rows(rows: list[Any]) -> list[dict[str, str]]:
+def task_rows(rows: list[Any], *, original: str | None = None) -> list[dict[str, str]]:
     """The task scores of evaluation rows, one line per (task metric, row), for the table and the cards.
 
     Only metrics that come with a standard error are shown (lm-eval gives none for perplexity-like
-    ones; they stay in eval.json). Keys: ``task``, ``label``, ``score``, ``recovery``.
+    ones; they stay in eval.json). With ``original``, each metric starts with a line of that label
+    from the reference's score the variants carry (the cards have no reference row). Keys:
+    ``task``, ``label``, ``score``, ``recovery``, ``samples``.
     """
     keys: dict[tuple[str, str, str], None] = {}
     by_row: list[tuple[Any, dict[tuple[str, str, str], Any]]] = []
@@ -107,6 +109,17 @@ def task_rows(rows: list[Any]) -> list[dict[str, str]]:
     for key in keys:
         task, metric, filter_name = key
         name = f"{task} {metric}" + ("" if filter_name == "none" else f" ({filter_name})")
+        first = next(scores[key] for _, scores in by_row if key in scores)
+        if original is not None:
+            lines.append(
+                {
+                    "task": name,
+                    "label": original,
+                    "score": plus_minus(first.reference, first.reference_stderr, ".3f"),
+                    "recovery": "—",
+                    "samples": str(first.samples),
+                }
+            )
         for row, scores in by_row:
             score = scores.get(key)
             if score is None:

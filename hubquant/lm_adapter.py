@@ -28,6 +28,8 @@ import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
+from hubquant.stats import log_softmax
+
 if TYPE_CHECKING:
     from hubquant.exporters.base import Runner
 
@@ -37,12 +39,10 @@ log = logging.getLogger(__name__)
 def continuation_score(logits: np.ndarray, continuation: Sequence[int]) -> tuple[float, bool]:
     """Summed log-probability of ``continuation`` from the last ``len(continuation)`` rows of logits
     (row i predicts the token after position i), and whether each token was the argmax."""
-    rows = logits[-len(continuation) :].astype(np.float64)
-    shifted = rows - rows.max(axis=-1, keepdims=True)
-    logprobs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    index = np.arange(len(continuation))
+    rows = logits[-len(continuation) :]
     tokens = np.asarray(continuation)
-    return float(logprobs[index, tokens].sum()), bool((rows.argmax(axis=-1) == tokens).all())
+    logprobs = log_softmax(rows)[np.arange(len(tokens)), tokens]
+    return float(logprobs.sum()), bool((rows.argmax(axis=-1) == tokens).all())
 
 
 class RunnerLM(TemplateLM):
@@ -57,6 +57,7 @@ class RunnerLM(TemplateLM):
         #: Forward passes and tokens they processed (the time per example is reported from these).
         self.forward_passes = 0
         self.forward_tokens = 0
+        self._prefix_text = tokenizer.decode(self.prefix_token_id)
 
     # -- what TemplateLM asks for ------------------------------------------------------------------
     @property
@@ -78,7 +79,7 @@ class RunnerLM(TemplateLM):
         """As lm-eval's ``hf`` model: the tokenizer's own special tokens unless told, none when the
         text already starts with the BOS text."""
         special: dict[str, bool] = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        if add_special_tokens is None and string.startswith(self.tokenizer.decode(self.prefix_token_id)):
+        if add_special_tokens is None and string.startswith(self._prefix_text):
             special["add_special_tokens"] = False
         encoding = list(self.tokenizer.encode(string, **special))
         return encoding[-left_truncate_len:] if left_truncate_len else encoding

@@ -157,15 +157,4 @@ def run_tasks_job(job: dict[str, Any]) -> dict[str, Any]:
         "examples": sum(int(v.get("effective", 0)) for v in out.get("n-samples", {}).values()),
         "forward_passes": model.forward_passes,
         "forward_tokens": model.forward_tokens,
-        "lm_eval_version": _version("lm_eval"),
-        "source": str(Path(source.path)),
     }
-
-
-def _version(distribution: str) -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return ""

@@ -101,11 +101,24 @@ def check_installed() -> str:
     return importlib.metadata.version("lm_eval")
 
 
-def _digest(folders: Sequence[str]) -> str:
+def _digest(manager: Any, folders: Sequence[str]) -> str:
+    """sha256 over the task YAML files inside the include folders and the local data files they name —
+    not every file under a folder, which may be a project root holding models."""
+    roots = [Path(folder) for folder in folders]
+    files: set[Path] = set()
+    for entry in manager.task_index.values():
+        yaml_path = _field(entry, "yaml_path")
+        if not yaml_path or yaml_path == -1 or not any(Path(yaml_path).is_relative_to(r) for r in roots):
+            continue
+        files.add(Path(yaml_path))
+        data = ((_field(entry, "cfg") or {}).get("dataset_kwargs") or {}).get("data_files") or {}
+        for value in data.values() if isinstance(data, dict) else [data]:
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and Path(item).is_file():
+                    files.add(Path(item))
     digest = hashlib.sha256()
-    for folder in folders:
-        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-            digest.update(str(path).encode() + b"\0" + path.read_bytes())
+    for path in sorted(files):
+        digest.update(str(path).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -148,7 +161,7 @@ def resolve_tasks(settings: TaskSettings) -> TaskPlan:
         if not found:
             raise RecipeError(f"{value} defines no lm-eval task (no YAML with a `task:` or `group:` key)", hint=_HINT)
         names += sorted(found)
-    return TaskPlan(settings, tuple(dict.fromkeys(names)), tuple(include), defaults, _digest(include), version)
+    return TaskPlan(settings, tuple(dict.fromkeys(names)), tuple(include), defaults, _digest(manager, include), version)
 
 
 _HINT = "name an lm-eval task (lm-eval ls tasks), or the path of a task YAML file or folder"

@@ -228,3 +228,16 @@ def test_recovery_error_is_never_below_what_one_changed_answer_gives() -> None:
     assert value == pytest.approx(6 / 5) and stderr >= 1 / (10 * 0.5)
     graded = {k: v * 0.5 + 0.25 for k, v in reference.items()}  # not right/wrong: no floor
     assert paired_recovery(graded, graded) == (1.0, 0.0)
+
+
+def test_a_changed_task_file_changes_what_the_cached_reference_scores_are_keyed_by(tmp_path: Path) -> None:
+    from hubquant.tasks import TaskSettings, resolve_tasks
+
+    copy = write_tasks(tmp_path / "copy")
+    settings = TaskSettings((str(copy / "hubquant_mc.yaml"),))
+    before = resolve_tasks(settings).digest
+    (copy / "unrelated.bin").write_bytes(b"\0" * 1024)  # a folder's other files are not read
+    assert resolve_tasks(settings).digest == before
+    data = copy / "hubquant_mc.jsonl"
+    data.write_text(data.read_text().replace("def", "lambda", 1))
+    assert resolve_tasks(settings).digest != before
