@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +283,14 @@ def sha256_file(path: Path, *, chunk: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+def _digest(path: Path, known: Mapping[tuple[int, int], tuple[int, int, str]]) -> str:
+    stat = path.stat()
+    taken = known.get((stat.st_dev, stat.st_ino))
+    if taken is not None and taken[:2] == (stat.st_size, stat.st_mtime_ns):
+        return taken[2]
+    return sha256_file(path)
+
+
 def cache_key(*, source_fingerprint: str, spec: dict[str, Any], tools: dict[str, str]) -> str:
     """The identity of an artifact's inputs: same key ⇒ the same bytes would be rebuilt."""
     payload = json.dumps({"source": source_fingerprint, "spec": spec, "tools": tools}, sort_keys=True)
@@ -361,13 +369,15 @@ def write_manifest(
     settings: dict[str, Any] | None = None,
     roles: dict[str, str] | None = None,
     peak_disk_bytes: int | None = None,
+    known: Mapping[tuple[int, int], tuple[int, int, str]] | None = None,
 ) -> Manifest:
     """Hash every file in ``folder`` and write ``manifest.json``; return the manifest.
 
     ``export_seconds`` is the variant's own step; ``shared_seconds`` the intermediates it needed
     (built once per run and shared with the other variants of its format); ``roles`` marks the files
     that are not the model (see :attr:`FileEntry.role`); ``peak_disk_bytes`` the most its format's build
-    held on disk (see :mod:`hubquant.diskmeter`).
+    held on disk (see :mod:`hubquant.diskmeter`); ``known`` the digests taken while the files were written,
+    by (device, inode) → (size, mtime_ns, sha256) (see :mod:`hubquant.follow`), used when still current.
     """
     from hubquant import __version__
 
@@ -375,7 +385,7 @@ def write_manifest(
         FileEntry(
             path=path.relative_to(folder).as_posix(),
             size=path.stat().st_size,
-            sha256=sha256_file(path),
+            sha256=_digest(path, known or {}),
             role=(roles or {}).get(path.relative_to(folder).as_posix(), "model"),
         )
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)

@@ -9,6 +9,9 @@ last ones are kept to explain a failure. When the parent is interrupted the chil
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
+import gc
 import logging
 import subprocess
 import sys
@@ -109,3 +112,11 @@ def stop(child: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
+
+
+def release_memory() -> None:
+    """Hand freed buffers back to the system (glibc keeps them in its heap otherwise), e.g. the torch
+    model of an export before the next step allocates its own."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

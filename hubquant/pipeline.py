@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hubquant.artifact import (
     Artifact,
@@ -38,6 +38,7 @@ from hubquant.diskmeter import DiskMeter
 from hubquant.errors import ExportError, HubquantError
 from hubquant.exporters import get_exporter
 from hubquant.exporters.base import Exporter, ExportJob, Progress
+from hubquant.follow import FileId, FollowHasher
 from hubquant.preflight import build_order, check_disk, temporary_bytes, variant_bytes
 from hubquant.recipe import Recipe, VariantSpec
 from hubquant.source import SourceModel, resolve_source
@@ -265,16 +266,19 @@ def _export_format(
             if scratch.resolve() != Path(jobs[0].target).parent.resolve():
                 say(f"{exporter.name}: intermediates in {work_dir}")
             # The format's intermediates and the variants being written: its peak disk, measured.
-            with DiskMeter([Path(work_dir), *(j.job.folder for j in jobs)]) as meter:
+            folders = [Path(work_dir), *(j.job.folder for j in jobs)]
+            follow = FollowHasher(folders) if exporter.writes_in_order else contextlib.nullcontext()
+            with DiskMeter(folders) as meter, follow:
                 progress = meter.wrap(say)
                 errors = exporter.export(source, [j.job for j in jobs], work_dir=Path(work_dir), progress=progress)
+        known = follow.digests() if isinstance(follow, FollowHasher) else {}
         for item in jobs:
             spec, job = item.spec, item.job
             error = errors.get(job.name, ExportError(f"{spec.label} was not built", format=exporter.name))
             if error is None:
                 say(f"{spec.label}: hashing and writing the manifest")
                 try:
-                    outcomes[item.index] = _finish(item, source, tools, peak_disk=meter.peak)
+                    outcomes[item.index] = _finish(item, source, tools, peak_disk=meter.peak, known=known)
                     continue
                 except OSError as exc:
                     error = exc
@@ -291,8 +295,10 @@ def _export_format(
                 discard_staging_folder(item.job.folder)
 
 
-def _finish(item: _Job, source: SourceModel, tools: dict[str, str], *, peak_disk: int) -> VariantResult:
-    """Hash a built variant, write its manifest and move it into place."""
+def _finish(
+    item: _Job, source: SourceModel, tools: dict[str, str], *, peak_disk: int, known: dict[FileId, Any]
+) -> VariantResult:
+    """Hash a built variant (``known``: digests taken while it was written), write its manifest, move it into place."""
     job = item.job
     manifest = write_manifest(
         job.folder,
@@ -306,6 +312,7 @@ def _finish(item: _Job, source: SourceModel, tools: dict[str, str], *, peak_disk
         settings=job.settings,
         roles=job.roles,
         peak_disk_bytes=peak_disk,
+        known=known,
     )
     commit_staging_folder(job.folder, item.target)
     return VariantResult(

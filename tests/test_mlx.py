@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hubquant.artifact import load_artifact
+from hubquant.artifact import load_artifact, sha256_file
 from hubquant.exporters.mlx import MLXRunner
 from hubquant.source import resolve_source
 from hubquant.stats import kl_divergence
@@ -66,6 +66,9 @@ def test_both_tokenizer_styles_build_load_and_generate(
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
     assert built[0]["size"] < built[1]["size"] < built[2]["size"]
     for path in paths.values():
+        # Hashed while mlx wrote them (hubquant.follow), the manifest's digests are the files' own.
+        for entry in load_artifact(path).files:
+            assert sha256_file(path / entry.path) == entry.sha256, entry.path
         assert (path / "tokenizer.json").is_file() and "chat_template" in (
             (path / "tokenizer_config.json").read_text() + "".join(p.name for p in path.iterdir())
         )

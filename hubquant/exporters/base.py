@@ -107,6 +107,10 @@ class Exporter(ABC):
     #: the OpenVINO full-precision IR: 1.0). Formats needing more are built first, before the
     #: finished variants of the others fill the disk, which lowers a multi-format run's peak.
     scratch_share: ClassVar[float] = 0.0
+    #: The tool writes every file of a variant front to back and never goes back: the files are hashed
+    #: while they are written (:mod:`hubquant.follow`). Leave False when the work folder holds
+    #: intermediates (they would be hashed for nothing) or the writer patches what it wrote.
+    writes_in_order: ClassVar[bool] = False
     #: The Hub's ``library_name`` for this format (``gguf``, ``onnxruntime-genai`` …).
     library_name: ClassVar[str]
     #: How cards name the format (``GGUF (llama.cpp)``).

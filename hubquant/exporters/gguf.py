@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from hubquant.child import release_memory
 from hubquant.errors import ExportError, RecipeError
 from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Intermediates, Progress, Runner
 from hubquant.exporters.gguf_imatrix import ImportanceMatrix, compute_imatrix, write_imatrix
@@ -51,7 +52,6 @@ from hubquant.exporters.gguf_tools import (
     llama_cpp_build,
     parse_size,
     quantize,
-    release_memory,
     route_llama_logs,
     shard_paths,
     tensor_names,

@@ -126,15 +126,6 @@ def known_pre_tokenizers() -> tuple[str, ...]:
     return tuple(sorted(set(re.findall(r'^\s+res = "([^"]+)"', text, re.M))))
 
 
-def release_memory() -> None:
-    """Hand the converter's freed buffers back to the system before llama.cpp allocates its own."""
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 # -- the converter -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet_converter() -> Iterator[None]:

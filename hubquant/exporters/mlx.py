@@ -96,6 +96,7 @@ class MLXExporter(Exporter):
     repo_template = "{model}-{variant}"
     repo_layout = "repo-per-variant"
     floor_bytes_per_parameter = 4.4  # fp32 weights plus activations (estimated)
+    writes_in_order = True  # mx.save_safetensors: header, then each tensor in order; the rest is small JSON
     plot_marker = "D"
 
     @classmethod

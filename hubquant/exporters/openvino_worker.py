@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from hubquant.child import say
+from hubquant.child import release_memory, say
 from hubquant.errors import ExportError, HubquantError
 from hubquant.exporters.openvino import INT4_OPTIONS, import_optimum_intel
 from hubquant.faults import checkpoint
@@ -220,6 +220,7 @@ def _compress_all(plan: dict[str, Any], jobs: list[dict[str, Any]], results: dic
         results.update({job["name"]: {"error": failure(exc)} for job in pending})
         return
     shared = time.perf_counter() - started
+    release_memory()  # what the torch export freed, before NNCF allocates the compressed weights
     for job in pending:
         say(f"openvino {job['precision']}: compressing with NNCF")
         started = time.perf_counter()
