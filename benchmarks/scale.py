@@ -257,8 +257,8 @@ def _read_output(process: subprocess.Popen, started: float, lines: list[tuple[fl
 
 
 def _phase_key(text: str) -> str:
-    """A line's phase: its words without figures, so a progress bar's updates stay one phase."""
-    return " ".join(re.sub(r"[\d.,%|:/\[\]()•━▊▍▌▋▉█▏▎]+", " ", text).split()[:4])
+    """A line's phase: its first words, letters only, so a progress bar's updates stay one phase."""
+    return " ".join(re.findall(r"[A-Za-z]+", text)[:3])
 
 
 def phases(samples: list[tuple[float, int, int]], lines: list[tuple[float, str]]) -> list[dict]:
