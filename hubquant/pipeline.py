@@ -266,9 +266,9 @@ def _export_format(
             if scratch.resolve() != Path(jobs[0].target).parent.resolve():
                 say(f"{exporter.name}: intermediates in {work_dir}")
             # The format's intermediates and the variants being written: its peak disk, measured.
-            folders = [Path(work_dir), *(j.job.folder for j in jobs)]
-            follow = FollowHasher(folders) if exporter.writes_in_order else contextlib.nullcontext()
-            with DiskMeter(folders) as meter, follow:
+            variants = [j.job.folder for j in jobs]
+            follow = FollowHasher(variants) if exporter.writes_in_order else contextlib.nullcontext()
+            with DiskMeter([Path(work_dir), *variants]) as meter, follow:
                 progress = meter.wrap(say)
                 errors = exporter.export(source, [j.job for j in jobs], work_dir=Path(work_dir), progress=progress)
         known = follow.digests() if isinstance(follow, FollowHasher) else {}

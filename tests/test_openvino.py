@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hubquant.artifact import load_artifact
+from hubquant.artifact import load_artifact, sha256_file
 from hubquant.exporters.openvino import OpenVINOExporter, OpenVINORunner
 from hubquant.source import resolve_source
 from hubquant.stats import kl_divergence
@@ -110,6 +110,9 @@ def test_variants_load_generate_and_score(style: str, request: pytest.FixtureReq
             "config.json",
             "chat_template.jinja",
         } <= files, files
+        # Hashed while the worker wrote them (hubquant.follow), the manifest's digests are the files' own.
+        for entry in load_artifact(path).files:
+            assert sha256_file(path / entry.path) == entry.sha256, (path.name, entry.path)
         _generate_both(path)
     # What NNCF was asked to do is what the artifact records.
     settings = _settings(built["openvino-int4-g64-awq-se"])

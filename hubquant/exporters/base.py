@@ -107,9 +107,10 @@ class Exporter(ABC):
     #: the OpenVINO full-precision IR: 1.0). Formats needing more are built first, before the
     #: finished variants of the others fill the disk, which lowers a multi-format run's peak.
     scratch_share: ClassVar[float] = 0.0
-    #: The tool writes every file of a variant front to back and never goes back: the files are hashed
-    #: while they are written (:mod:`hubquant.follow`). Leave False when the work folder holds
-    #: intermediates (they would be hashed for nothing) or the writer patches what it wrote.
+    #: The tool writes every file into the variant's folder front to back and never goes back: the
+    #: files are hashed while they are written (:mod:`hubquant.follow`; intermediates in the work
+    #: folder are not followed). Leave False when the writer patches what it wrote (llama.cpp's
+    #: quantizer rewrites the GGUF header last) — the check would catch it, the work would be lost.
     writes_in_order: ClassVar[bool] = False
     #: The Hub's ``library_name`` for this format (``gguf``, ``onnxruntime-genai`` …).
     library_name: ClassVar[str]

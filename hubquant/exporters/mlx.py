@@ -175,7 +175,9 @@ class MLXExporter(Exporter):
             job.precision,
             group_size=job.options["group_size"],
             rope_factors=job.options["rope_factors"],
-            scratch=shared.work_dir / job.name,
+            # inside the variant's folder (mlx-lm wants a folder that does not exist yet): the files
+            # are followed and hashed while mlx writes them, then moved up (same inodes)
+            scratch=job.folder / ".mlx-lm",
             warnings=job.warnings,
         )
 
@@ -261,6 +263,7 @@ def convert(
         log.debug("mlx_lm.convert: %s", captured.getvalue())
     for item in scratch.iterdir():
         shutil.move(str(item), output / item.name)
+    scratch.rmdir()
     config_path = output / "config.json"
     config = json.loads(config_path.read_text())
     keys = mlx_rope_keys(config)

@@ -107,6 +107,7 @@ class OpenVINOExporter(Exporter):
     repo_template = "{model}-{variant}-ov"
     repo_layout = "repo-per-variant"
     floor_bytes_per_parameter = 6.2  # fp32 at f32 inference: 23.4 GB for 3.8B parameters
+    writes_in_order = True  # the serializer streams the .bin, then the .xml; the shared IR is in the work folder
     plot_marker = "^"
 
     @classmethod
