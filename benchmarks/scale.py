@@ -257,8 +257,10 @@ def _read_output(process: subprocess.Popen, started: float, lines: list[tuple[fl
 
 
 def _phase_key(text: str) -> str:
-    """A line's phase: its first words, letters only, so a progress bar's updates stay one phase."""
-    return " ".join(re.findall(r"[A-Za-z]+", text)[:3])
+    """A line's phase: its first three words (no timestamp, no figures), so a progress bar's updates
+    stay one phase while hubquant's steps of one variant are told apart."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text.strip())
+    return " ".join(re.findall(r"[A-Za-z][A-Za-z0-9_]*", text)[:3])
 
 
 def phases(samples: list[tuple[float, int, int]], lines: list[tuple[float, str]]) -> list[dict]:
@@ -688,9 +690,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    # REPORT.json and REPORT.md (appended: a name like scale-phi-3.5-mini has a dot of its own)
+    args.report.parent.joinpath(args.report.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = markdown(report)
-    args.report.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    args.report.parent.joinpath(args.report.name + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
