@@ -454,7 +454,10 @@ def file_hashes(folder: Path) -> dict[str, str]:
     from hubquant.artifact import sha256_file
 
     if folder.is_file():
-        return {folder.suffix: sha256_file(folder)}
+        return {folder.suffix: sha256_file(folder), **(gguf_parts(folder) if folder.suffix == ".gguf" else {})}
+    files = [p for p in folder.rglob("*") if p.is_file() and p.name not in HUBQUANT_ONLY]
+    if len(files) == 1 and files[0].suffix == ".gguf":  # hubquant's GGUF variant folder: its one file
+        return file_hashes(files[0])
     return {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
@@ -462,10 +465,33 @@ def file_hashes(folder: Path) -> dict[str, str]:
     }
 
 
+def gguf_parts(path: Path) -> dict[str, str]:
+    """A GGUF file's tensors (names, types, bytes: one digest) and each metadata value, so a difference
+    can be told apart: same tensors, another ``general.name``."""
+    import hashlib
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    tensors = hashlib.sha256()
+    for tensor in reader.tensors:
+        tensors.update(f"{tensor.name}:{tensor.tensor_type.name}:".encode())
+        tensors.update(memoryview(tensor.data).cast("B"))
+    parts = {"gguf:tensors": tensors.hexdigest()}
+    for field in reader.fields.values():
+        try:
+            value = repr(field.contents())
+        except (ValueError, TypeError, IndexError):
+            value = repr([bytes(part) for part in field.parts])
+        parts[f"gguf:{field.name}"] = hashlib.sha256(value.encode()).hexdigest()
+    return parts
+
+
 def compare_outputs(raw: dict[str, str], ours: dict[str, str]) -> dict:
-    """Which output files the two paths wrote byte for byte alike, which differ, which only one wrote."""
-    if len(raw) == len(ours) == 1:  # single files (GGUF) under different names
-        raw, ours = {"file": next(iter(raw.values()))}, {"file": next(iter(ours.values()))}
+    """Which output files the two paths wrote byte for byte alike, which differ, which only one wrote
+    (a GGUF file: also its tensors and each metadata key, see :func:`gguf_parts`)."""
+    if ".gguf" in raw and ".gguf" in ours:  # one file each, under different names
+        raw, ours = ({("file" if k == ".gguf" else k): v for k, v in side.items()} for side in (raw, ours))
     return {
         "identical": sorted(k for k in raw.keys() & ours.keys() if raw[k] == ours[k]),
         "different": sorted(k for k in raw.keys() & ours.keys() if raw[k] != ours[k]),

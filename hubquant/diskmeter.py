@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 #: Seconds between two samples of the watching thread.
 INTERVAL = 0.5
@@ -39,40 +40,27 @@ def allocated_bytes(folders: Iterable[Path]) -> int:
     return total
 
 
-class DiskMeter:
-    """Watches ``folders`` while in its ``with`` block; ``peak`` is the largest sample."""
+class Watcher:
+    """A ``with`` block during which a daemon thread calls :meth:`look` every ``interval`` seconds;
+    :meth:`look` also runs on entering and (``final=True``) on leaving without an error."""
 
-    def __init__(self, folders: Iterable[Path], *, interval: float = INTERVAL) -> None:
-        self.folders = [Path(folder) for folder in folders]
+    thread_name = "hubquant-watcher"
+
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.peak = 0
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def sample(self) -> int:
-        """Measure now; return the bytes held."""
-        held = allocated_bytes(self.folders)
-        with self._lock:
-            self.peak = max(self.peak, held)
-        return held
-
-    def wrap(self, progress: Callable[[str], None]) -> Callable[[str], None]:
-        """A progress callback that also samples: every stage boundary is a measured point."""
-
-        def say(line: str) -> None:
-            self.sample()
-            progress(line)
-
-        return say
+    def look(self, *, final: bool = False) -> None:
+        raise NotImplementedError
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
-            self.sample()
+            self.look()
 
-    def __enter__(self) -> DiskMeter:
-        self.sample()
-        self._thread = threading.Thread(target=self._watch, name="hubquant-diskmeter", daemon=True)
+    def __enter__(self) -> Self:
+        self.look()
+        self._thread = threading.Thread(target=self._watch, name=self.thread_name, daemon=True)
         self._thread.start()
         return self
 
@@ -82,4 +70,36 @@ class DiskMeter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if exc_type is None:
+            self.look(final=True)
+
+
+class DiskMeter(Watcher):
+    """Watches ``folders`` while in its ``with`` block; ``peak`` is the largest sample."""
+
+    thread_name = "hubquant-diskmeter"
+
+    def __init__(self, folders: Iterable[Path], *, interval: float = INTERVAL) -> None:
+        super().__init__(interval)
+        self.folders = [Path(folder) for folder in folders]
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def sample(self) -> int:
+        """Measure now; return the bytes held."""
+        held = allocated_bytes(self.folders)
+        with self._lock:
+            self.peak = max(self.peak, held)
+        return held
+
+    def look(self, *, final: bool = False) -> None:
         self.sample()
+
+    def wrap(self, progress: Callable[[str], None]) -> Callable[[str], None]:
+        """A progress callback that also samples: every stage boundary is a measured point."""
+
+        def say(line: str) -> None:
+            self.sample()
+            progress(line)
+
+        return say

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from hubquant.diskmeter import Watcher
 
 #: Bytes read per step while following.
 CHUNK_BYTES = 8 << 20
@@ -45,46 +45,27 @@ class _Followed:
 FileId = tuple[int, int]
 
 
-class FollowHasher:
+class FollowHasher(Watcher):
     """Hashes every file that appears under ``folders`` while in its ``with`` block.
 
     After the block, :meth:`digests` maps each file's identity to ``(size, mtime_ns, sha256)``;
     :func:`hubquant.artifact.write_manifest` takes it as ``known``.
     """
 
+    thread_name = "hubquant-follow-hash"
+
     def __init__(self, folders: Iterable[Path], *, interval: float = INTERVAL) -> None:
+        super().__init__(interval)
         self.folders = [Path(folder) for folder in folders]
-        self.interval = interval
         self._files: dict[FileId, _Followed] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._done: dict[FileId, tuple[int, int, str]] = {}
-
-    def __enter__(self) -> FollowHasher:
-        self._thread = threading.Thread(target=self._watch, name="hubquant-follow-hash", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if exc_type is None:
-            self.poll(final=True)
-            self._done = {key: result for key, state in self._files.items() if (result := self._finish(state))}
 
     def digests(self) -> dict[FileId, tuple[int, int, str]]:
         """(size, mtime_ns, sha256) of every file followed to its end, by (device, inode)."""
         return dict(self._done)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.poll()
-
-    def poll(self, *, final: bool = False) -> None:
-        """Hash what has been written since the last look (the thread calls this every ``interval``)."""
+    def look(self, *, final: bool = False) -> None:
+        """Hash what has been written since the last look; the last one also checks every file."""
         for folder in self.folders:
             for path in _files(folder):
                 try:
@@ -98,6 +79,8 @@ class FollowHasher:
                     self._read(state, stat.st_size, final=final)
                 if self._stop.is_set() and not final:
                     return
+        if final:
+            self._done = {key: result for key, state in self._files.items() if (result := self._finish(state))}
 
     def _read(self, state: _Followed, size: int, *, final: bool) -> None:
         if size < state.offset:  # truncated: rewritten from the start

@@ -49,6 +49,9 @@ def test_scale_runner_reports_ratios(tmp_path: Path) -> None:
             str(model),
             "--format",
             "gguf",
+            "--repeat",
+            "2",
+            "--trace",
             "--report",
             str(report),
         ],
@@ -59,12 +62,58 @@ def test_scale_runner_reports_ratios(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     data = json.loads(report.with_suffix(".json").read_text())
+    assert data["repeat"] == 2 and data["versions"]["llama-cpp-python"] and data["machine"]["cores"] >= 1
+    assert "--repeat 2" in data["command"] and data["date"].startswith("20")
     gguf = data["formats"]["gguf"]
     for path in ("raw", "hubquant"):
+        assert len(gguf[path]["runs"]) == 2
         assert gguf[path]["wall_s"] > 0 and gguf[path]["peak_rss_gib"] > 0 and gguf[path]["output_gb"] > 0
-    assert gguf["ratio"]["wall_s"] > 0 and "**ratio**" in report.with_suffix(".md").read_text()
-    # Both paths produced the same kind of file of about the same size.
-    assert abs(gguf["raw"]["output_gb"] - gguf["hubquant"]["output_gb"]) / gguf["raw"]["output_gb"] < 0.01
+        low, high = gguf[path]["spread"]["wall_s"]
+        assert low <= gguf[path]["wall_s"] <= high
+        phases = [phase for step in gguf[path]["runs"][0]["trace"] for phase in step["phases"]]
+        assert phases and all(phase["peak_rss_gib"] >= 0 for phase in phases)
+    hubquant_phases = [ph["phase"] for step in gguf["hubquant"]["runs"][0]["trace"] for ph in step["phases"]]
+    assert any("hashing and writing the manifest" in phase for phase in hubquant_phases), hubquant_phases
+    markdown = report.with_suffix(".md").read_text()
+    assert gguf["ratio"]["wall_s"] > 0 and "**ratio**" in markdown and "peak memory by phase" in markdown
+    # The same converter and quantizer on the same input: the same tensors; hubquant names the model after
+    # its folder and records itself as the quantizer.
+    outputs = gguf["outputs"]
+    assert "gguf:tensors" in outputs["identical"] and outputs["raw_only"] == []
+    assert set(outputs["different"]) <= {"file", "gguf:general.name", "gguf:GGUF.kv_count"}, outputs
+    assert outputs["hubquant_only"] == ["gguf:general.quantized_by"], outputs
+
+
+def test_a_forked_child_is_not_counted_twice(tmp_path: Path) -> None:
+    """A child forked from a big process shares its pages copy-on-write: summing RSS counts them twice
+    (openvino-telemetry forks the exporter), the benchmark's tree sum must not."""
+    import scale
+
+    script = (
+        "import os, sys\n"
+        "buffer = bytearray(os.urandom(1 << 20) * 256)\n"  # 256 MiB, every page touched
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    sys.stdin.read()\n"  # the forked child waits for the test, sharing every page
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "sys.stdin.read()\n"
+        "os.waitpid(child, 0)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(process.stdout.readline())
+        parent_rss, parent_anon = scale.process_memory(process.pid, 0)
+        child_rss, child_anon = scale.process_memory(child, process.pid)
+        naive = sum(
+            int(line.split()[1])
+            for line in Path(f"/proc/{child}/status").read_text().splitlines()
+            if line.startswith("RssAnon:")
+        )
+    finally:
+        process.communicate("", timeout=60)
+    assert parent_anon > 256 * 1024 and naive > 256 * 1024  # KiB: plain RSS sees the buffer in both
+    assert child_anon < 32 * 1024 and child_rss < 64 * 1024  # counted with its private pages only
 
 
 @pytest.mark.slow
@@ -169,3 +218,41 @@ def test_task_benchmark_reports_the_cost_of_each_runner(tiny_phi3: Path, tmp_pat
         assert row["examples"] == 3 and 0 < row["forward_passes"] <= 3 * 4 and row["forward_tokens"] > 3 * 40
         assert row["seconds_per_100_examples"] > 0 and row["ms_per_token"] > 0
     assert "| gguf-Q8_0 |" in Path(f"{out}.md").read_text()
+
+
+def _report(date: str, wall: float, *, fmt: str = "mlx") -> dict:
+    def path(seconds: float) -> dict:
+        figures = {"wall_s": seconds, "peak_rss_gib": 3.0, "peak_anon_gib": 2.85}
+        return {**figures, "spread": {"wall_s": [seconds - 1, seconds + 2]}}
+
+    return {
+        "date": date,
+        "command": "python benchmarks/scale.py /data/phi35 --repeat 3",
+        "repeat": 3,
+        "machine": {"cores": 2},
+        "formats": {
+            fmt: {
+                "raw": path(wall),
+                "hubquant": path(wall),
+                "ratio": {"wall_s": 1.0, "peak_rss_gib": 1.0, "peak_anon_gib": 1.0},
+            }
+        },
+    }
+
+
+def test_readme_table_comes_from_the_result_files(tmp_path: Path) -> None:
+    import results_table
+
+    (tmp_path / "scale-old.json").write_text(json.dumps(_report("2026-11-01T00:00:00Z", 40.0)))
+    (tmp_path / "scale-new.json").write_text(json.dumps(_report("2026-12-01T00:00:00Z", 35.4)))
+    table = results_table.table(tmp_path)
+    assert "| MLX 4-bit g64 (`mlx_lm convert`) | 3 | 35.4 (34.4–37.4) |" in table  # the newest report, its spread
+    assert "40.0" not in table and "`benchmarks/results/scale-new.json` (2026-12-01" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results_table.BEGIN}\nold figures\n{results_table.END}\nrest\n")
+    args = ["--readme", str(readme), "--results", str(tmp_path)]
+    assert results_table.main([*args, "--check"]) == 1
+    assert results_table.main([*args, "--write"]) == 0 and results_table.main([*args, "--check"]) == 0
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("rest\n")
+    # The repository's README holds exactly the table its result files give.
+    assert results_table.main(["--check"]) == 0

@@ -1,6 +1,6 @@
 """Hashing files while they are written (hubquant.follow): a digest is used only when it is the file's.
 
-The follower's thread never looks here (interval of an hour): each test calls ``poll()`` between writes,
+The follower's thread never looks here (interval of an hour): each test calls ``look()`` between writes,
 so what the follower saw is fixed, not a matter of timing.
 """
 
@@ -45,7 +45,7 @@ def test_files_written_in_order_are_hashed_as_they_grow_and_after_a_move(tmp_pat
             for part in parts:  # the follower looks after each write
                 handle.write(part)
                 handle.flush()
-                follower.poll()
+                follower.look()
         (work / "config.json").write_text('{"a": 1}\n')
         (work / "model.safetensors").rename(final / "model.safetensors")  # the exporter moves it into place
         (work / "config.json").rename(final / "config.json")
@@ -66,11 +66,11 @@ def test_a_writer_that_goes_back_or_rewrites_gets_hashed_from_disk(tmp_path: Pat
         with open(work / "patched.gguf", "wb") as handle:  # placeholder header, data, then the real header
             handle.write(b"\0" * 64 + os.urandom(2 * MIB))
             handle.flush()
-            follower.poll()
+            follower.look()
             handle.seek(0)
             handle.write(b"GGUF" + os.urandom(60))
         (work / "config.json").write_text('{"long": "' + "x" * 1000 + '"}\n')
-        follower.poll()
+        follower.look()
         (work / "config.json").write_text('{"short": 1}\n')  # truncated and rewritten
         (work / "late.bin").write_bytes(os.urandom(PREFIX_BYTES + 10))  # written after the last look
     known = follower.digests()

@@ -264,6 +264,12 @@ def convert(
     for item in scratch.iterdir():
         shutil.move(str(item), output / item.name)
     scratch.rmdir()
+    _write_rope_keys(output, rope_factors, warnings)
+    return output
+
+
+def _write_rope_keys(output: Path, rope_factors: str, warnings: list[str]) -> None:
+    """The top-level rope keys mlx-lm reads, in the artifact's config (short factors when asked)."""
     config_path = output / "config.json"
     config = json.loads(config_path.read_text())
     keys = mlx_rope_keys(config)
@@ -280,7 +286,6 @@ def convert(
     if keys:
         config.update(keys)
         config_path.write_text(json.dumps(config, indent=4) + "\n")
-    return output
 
 
 class MLXRunner(Runner):

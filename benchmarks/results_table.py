@@ -1,0 +1,110 @@
+"""The README's performance table, generated from the scale reports in ``benchmarks/results/``.
+
+    python benchmarks/results_table.py              # print the table
+    python benchmarks/results_table.py --write      # put it into README.md between its markers
+    python benchmarks/results_table.py --check      # exit 1 when README.md's table is not the files'
+
+Every ``scale-*.json`` report contributes one row per format it measured (the newest report wins
+when two measured the same format): medians over its runs with (min–max), the ratios hubquant / raw,
+and how many alternating runs each figure is the median of. ``tests/test_benchmarks.py`` runs
+``--check``, so the README's figures are the files', never retyped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- scale-table:begin -->", "<!-- scale-table:end -->"
+#: How each format's row names the variant and the raw tool it is measured against.
+ROWS = {
+    "gguf": "GGUF Q4_K_M (convert F16 + `llama_model_quantize`)",
+    "onnx": "ONNX int4 cpu (builder; hubquant: prequantized route)",
+    "openvino": "OpenVINO int4 sym g128 (`optimum-cli export openvino`)",
+    "mlx": "MLX 4-bit g64 (`mlx_lm convert`)",
+}
+
+
+def reports(folder: Path = RESULTS) -> dict[str, tuple[dict, dict]]:
+    """format → (its summary, the report it comes from), the newest report per format."""
+    found: dict[str, tuple[dict, dict]] = {}
+    for path in sorted(folder.glob("scale-*.json")):
+        report = json.loads(path.read_text())
+        report["file"] = path.name
+        for fmt, summary in report.get("formats", {}).items():
+            if fmt not in found or report["date"] > found[fmt][1]["date"]:
+                found[fmt] = (summary, report)
+    return found
+
+
+def _figure(summary: dict, key: str, digits: int) -> str:
+    low, high = summary.get("spread", {}).get(key, [summary[key], summary[key]])
+    text = f"{summary[key]:.{digits}f}"
+    return text + (f" ({low:.{digits}f}–{high:.{digits}f})" if f"{low:.{digits}f}" != f"{high:.{digits}f}" else "")
+
+
+def table(folder: Path = RESULTS) -> str:
+    """The Markdown table and the line that names its sources."""
+    found = reports(folder)
+    lines = [
+        "| format (variant, raw tool) | runs | raw wall s | hubquant wall s | wall | raw RSS / anon GiB "
+        "| hubquant RSS / anon GiB | RSS | anon |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    sources = {}
+    for fmt in ROWS:
+        if fmt not in found:
+            continue
+        summary, report = found[fmt]
+        raw, ours, ratio = summary["raw"], summary["hubquant"], summary["ratio"]
+        lines.append(
+            f"| {ROWS[fmt]} | {report.get('repeat', 1)} | {_figure(raw, 'wall_s', 1)} | {_figure(ours, 'wall_s', 1)} "
+            f"| **{ratio['wall_s']:.2f}×** | {raw['peak_rss_gib']:.2f} / {raw['peak_anon_gib']:.2f} "
+            f"| {ours['peak_rss_gib']:.2f} / {ours['peak_anon_gib']:.2f} | **{ratio['peak_rss_gib']:.2f}×** "
+            f"| **{ratio['peak_anon_gib']:.2f}×** |"
+        )
+        sources[report["file"]] = report
+    notes = [
+        f"`benchmarks/results/{name}` ({report['date'][:10]}, {report['machine']['cores']} cores, "
+        f"`{report['command']}`)"
+        for name, report in sorted(sources.items())
+    ]
+    return "\n".join(lines) + "\n\nFrom " + "; ".join(notes) + "."
+
+
+def replace_section(text: str, generated: str) -> str:
+    """``text`` with everything between the markers replaced by ``generated``."""
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return text[:start] + "\n" + generated + "\n" + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true", help="rewrite README.md's table")
+    group.add_argument("--check", action="store_true", help="exit 1 when README.md's table differs")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    generated = table(args.results)
+    if not (args.write or args.check):
+        print(generated)
+        return 0
+    text = args.readme.read_text()
+    updated = replace_section(text, generated)
+    if args.check:
+        if updated != text:
+            print(f"{args.readme}: the performance table is not the one {args.results} gives; run with --write")
+            return 1
+        return 0
+    args.readme.write_text(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
