@@ -43,6 +43,8 @@ class _Followed:
 
 #: A file's identity: (device, inode).
 FileId = tuple[int, int]
+#: (size, mtime_ns, sha256) of each file followed to its end, by identity.
+Digests = dict[FileId, tuple[int, int, str]]
 
 
 class FollowHasher(Watcher):
@@ -58,9 +60,9 @@ class FollowHasher(Watcher):
         super().__init__(interval)
         self.folders = [Path(folder) for folder in folders]
         self._files: dict[FileId, _Followed] = {}
-        self._done: dict[FileId, tuple[int, int, str]] = {}
+        self._done: Digests = {}
 
-    def digests(self) -> dict[FileId, tuple[int, int, str]]:
+    def digests(self) -> Digests:
         """(size, mtime_ns, sha256) of every file followed to its end, by (device, inode)."""
         return dict(self._done)
 

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hubquant.artifact import (
     Artifact,
@@ -38,7 +38,7 @@ from hubquant.diskmeter import DiskMeter
 from hubquant.errors import ExportError, HubquantError
 from hubquant.exporters import get_exporter
 from hubquant.exporters.base import Exporter, ExportJob, Progress
-from hubquant.follow import FileId, FollowHasher
+from hubquant.follow import Digests, FollowHasher
 from hubquant.preflight import build_order, check_disk, temporary_bytes, variant_bytes
 from hubquant.recipe import Recipe, VariantSpec
 from hubquant.source import SourceModel, resolve_source
@@ -267,11 +267,12 @@ def _export_format(
                 say(f"{exporter.name}: intermediates in {work_dir}")
             # The format's intermediates and the variants being written: its peak disk, measured.
             variants = [j.job.folder for j in jobs]
-            follow = FollowHasher(variants) if exporter.writes_in_order else contextlib.nullcontext()
+            # Hashed while written when the format's writer allows it; else the manifest reads them back.
+            follow = FollowHasher(variants if exporter.writes_in_order else [])
             with DiskMeter([Path(work_dir), *variants]) as meter, follow:
                 progress = meter.wrap(say)
                 errors = exporter.export(source, [j.job for j in jobs], work_dir=Path(work_dir), progress=progress)
-        known = follow.digests() if isinstance(follow, FollowHasher) else {}
+        known = follow.digests()
         for item in jobs:
             spec, job = item.spec, item.job
             error = errors.get(job.name, ExportError(f"{spec.label} was not built", format=exporter.name))
@@ -295,9 +296,7 @@ def _export_format(
                 discard_staging_folder(item.job.folder)
 
 
-def _finish(
-    item: _Job, source: SourceModel, tools: dict[str, str], *, peak_disk: int, known: dict[FileId, Any]
-) -> VariantResult:
+def _finish(item: _Job, source: SourceModel, tools: dict[str, str], *, peak_disk: int, known: Digests) -> VariantResult:
     """Hash a built variant (``known``: digests taken while it was written), write its manifest, move it into place."""
     job = item.job
     manifest = write_manifest(
