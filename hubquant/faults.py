@@ -14,7 +14,8 @@ Stages (the process that reaches each: hubquant's own, or the child named):
   ``llama-quantizing`` — inside ``llama_model_quantize`` itself (its first log line);
 - ``onnx-prequantizing`` — the child writing the prequantized checkpoint; ``onnx-building`` — the
   child running onnxruntime-genai's builder;
-- ``openvino-exporting`` — the OpenVINO worker child (export, then NNCF compression);
+- ``openvino-exporting`` — the OpenVINO worker child (export, calibrated NNCF compression);
+  ``openvino-compressing`` — the torch-free child compressing the data-free variants;
 - ``evaluating`` — each evaluation child (the reference and every variant);
 - ``hub-committing`` — just before each commit to the Hub (in-process);
 - ``interrupted`` — the first SIGINT/SIGTERM was received and the clean-up is about to start: a

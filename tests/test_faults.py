@@ -244,6 +244,7 @@ BUILD_STAGES = {
     "onnx-prequantizing": ("onnx", "int4"),
     "onnx-building": ("onnx", "int4"),
     "openvino-exporting": ("openvino", "int4"),
+    "openvino-compressing": ("openvino", "int4"),
 }
 
 

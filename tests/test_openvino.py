@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +161,46 @@ def test_model_defaults_from_optimum_intel_table(untrained_phi3: Path, tmp_path:
     )
     quant = _settings(built["openvino-int4-no-defaults"])
     assert quant["group_size"] == 128 and not quant.get("scale_estimation")
+
+
+def _without_node_numbers(xml: str) -> str:
+    """An IR's XML with the numbers OpenVINO gives unnamed nodes (``Convert_6475``) taken out."""
+    return re.sub(r'(name="[A-Za-z]+)_[0-9]+"', r'\1_N"', xml)
+
+
+@pytest.mark.slow
+def test_torch_free_compression_writes_what_optimum_cli_writes(untrained_phi3: Path, tmp_path: Path) -> None:
+    """Data-free int4 is compressed in a child without torch (hubquant.exporters.openvino_compress); its
+    output is optimum-cli's: the same weights and files, the XML differing only in unnamed nodes' numbers."""
+    options = {"sym": True, "group_size": 64, "ratio": 0.8}
+    built = _build(
+        untrained_phi3, tmp_path / "out", [{"format": "openvino", "precision": "int4", "options": options}], tmp_path
+    )
+    ours = built["openvino-int4-sym-g64-r0.8"]
+    raw = tmp_path / "raw"
+    command = [sys.executable, "-m", "hubquant._launch", "optimum.commands.optimum_cli", "export", "openvino"]
+    command += ["--model", str(untrained_phi3), "--task", "text-generation-with-past", "--weight-format", "int4"]
+    subprocess.run(
+        [*command, "--sym", "--group-size", "64", "--ratio", "0.8", str(raw)], check=True, capture_output=True
+    )
+    raw_files = sorted(p.name for p in raw.iterdir())
+    assert raw_files == sorted(p.name for p in ours.iterdir() if p.name != "manifest.json")
+    for name in raw_files:
+        theirs, mine = raw / name, ours / name
+        if name == "openvino_model.xml":
+            assert _without_node_numbers(theirs.read_text()) == _without_node_numbers(mine.read_text())
+        elif name == "openvino_config.json":  # hubquant drops the local path of the tokenizer NNCF was given
+            raw_config, our_config = json.loads(theirs.read_text()), json.loads(mine.read_text())
+            assert raw_config["quantization_config"].pop("tokenizer") == str(untrained_phi3)
+            assert our_config["quantization_config"].pop("tokenizer") is None
+            assert raw_config == our_config
+        else:
+            assert theirs.read_bytes() == mine.read_bytes(), name
+    # Nothing hubquant imports on the way to NNCF brings torch into the compressor.
+    spec, result = tmp_path / "spec.pkl", tmp_path / "result.json"
+    spec.write_bytes(pickle.dumps({"ir": str(tmp_path / "no-ir"), "jobs": []}))
+    subprocess.run([sys.executable, "-m", "hubquant.exporters.openvino_compress", str(spec), str(result)], check=True)
+    assert json.loads(result.read_text()) == {"variants": {}, "torch_imported": False}
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,12 @@
 The work runs in a child process (:mod:`hubquant.exporters.openvino_worker`): the export's peak
 memory leaves with it and NNCF's console tables go to hubquant's debug log. Within one run the
 full-precision IR that every int4/int8 variant starts from is exported once (like the temporary IR
-``optimum-cli export openvino`` writes) and each compressed variant is made from it with
-``OVModelForCausalLM.from_pretrained(ir, quantization_config=…)``; fp16/fp32 are exported
-directly. Every artifact folder runs in both ``optimum.intel.OVModelForCausalLM`` and
+``optimum-cli export openvino`` writes) and each compressed variant is made from it as
+``OVModelForCausalLM.from_pretrained(ir, quantization_config=…)`` makes it; fp16/fp32 are exported
+directly. Data-free compression runs in a second child that never imports torch
+(:mod:`hubquant.exporters.openvino_compress`), so the run's peak — NNCF compressing — holds less
+memory than ``optimum-cli`` does; calibrated compression stays in the worker, which needs torch for
+its data. Every artifact folder runs in both ``optimum.intel.OVModelForCausalLM`` and
 ``openvino_genai.LLMPipeline``: IR, ``openvino_tokenizer``/``openvino_detokenizer``, configs and
 the chat template.
 
@@ -46,6 +49,8 @@ INT4_OPTIONS = ("group_size", "sym", "ratio", "all_layers", "awq", "scale_estima
 COMPRESSION_OPTIONS = INT4_OPTIONS + ("dataset", "num_samples", "calibration_context")
 #: Calibration datasets optimum-intel knows for LLMs (downloaded through ``datasets``).
 NAMED_DATASETS = ("wikitext2", "c4", "c4-new", "gsm8k", "auto")
+#: What the worker leaves in the work folder for the torch-free compressor (:mod:`.openvino_compress`).
+COMPRESS_SPEC = "openvino-compress.pkl"
 #: Inference precision every OpenVINO evaluation runs at, so figures compare across machines
 #: (CPUs with AMX/AVX512-FP16 would otherwise default to bf16/f16 compute).
 INFERENCE_PRECISION = "f32"
@@ -235,11 +240,14 @@ class OpenVINOExporter(Exporter):
             progress=progress,
         )
         outcome = json.loads(result_path.read_text()) if result_path.is_file() else {}
+        children = dict.fromkeys(outcome, child)
+        if any(entry.get("deferred") for entry in outcome.values()):
+            self._compress_deferred(work_dir, outcome, children, progress)
         results: dict[str, BaseException | None] = {}
         for job in jobs:
             entry = outcome.get(job.name)
             if entry is None:
-                results[job.name] = self._crash_error(job, child)
+                results[job.name] = self._crash_error(job, children.get(job.name, child))
                 continue
             job.seconds = entry.get("seconds", 0.0)
             job.shared_seconds = entry.get("shared_seconds", 0.0)
@@ -252,6 +260,29 @@ class OpenVINOExporter(Exporter):
                 else ExportError(error["message"], format="openvino", precision=job.precision, hint=error.get("hint"))
             )
         return results
+
+    @staticmethod
+    def _compress_deferred(
+        work_dir: Path, outcome: dict[str, Any], children: dict[str, ChildResult], progress: Progress
+    ) -> None:
+        """The data-free variants the worker prepared, compressed by the torch-free compressor."""
+        spec_path, compressed_path = work_dir / COMPRESS_SPEC, work_dir / "openvino-compressed.json"
+        compressor = run_child(
+            python_module("hubquant.exporters.openvino_compress", str(spec_path), str(compressed_path)),
+            name="openvino compressor",
+            progress=progress,
+        )
+        finished = json.loads(compressed_path.read_text())["variants"] if compressed_path.is_file() else {}
+        for name, entry in outcome.items():
+            if not entry.pop("deferred", False):
+                continue
+            children[name] = compressor
+            if name not in finished:  # the compressor stopped before this variant: a crash error
+                outcome[name] = None
+                continue
+            entry["seconds"] = entry.get("seconds", 0.0) + finished[name].get("seconds", 0.0)
+            if finished[name].get("error"):
+                entry["error"] = finished[name]["error"]
 
     @staticmethod
     def _crash_error(job: ExportJob, child: ChildResult) -> ExportError:

@@ -4,12 +4,16 @@ PLAN (JSON, written by :class:`hubquant.exporters.openvino.OpenVINOExporter`) na
 the variants; RESULT receives, per variant folder name, the seconds it took, warnings, and an
 error (message + hint) when it failed. Progress lines go to stdout with a prefix the parent reads.
 One failing variant never stops the others.
+
+Data-free int4/int8 variants are only prepared here (marked ``deferred``): the parent then runs
+:mod:`hubquant.exporters.openvino_compress`, which compresses them without torch in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 import sys
 import time
@@ -19,7 +23,7 @@ from typing import Any
 
 from hubquant.child import release_memory, say
 from hubquant.errors import ExportError, HubquantError
-from hubquant.exporters.openvino import INT4_OPTIONS, import_optimum_intel
+from hubquant.exporters.openvino import COMPRESS_SPEC, INT4_OPTIONS, import_optimum_intel
 from hubquant.faults import checkpoint
 
 TASK = "text-generation-with-past"
@@ -148,17 +152,58 @@ def compress(ir: Path, folder: Path, config: Any, source_id: str) -> None:
     model = OVModelForCausalLM.from_pretrained(str(ir), compile=False, quantization_config=config, use_cache=True)
     model.save_pretrained(str(folder))
     del model
-    # optimum-intel records the tokenizer it calibrated with as a local path: keep only a Hub id.
+    finish_folder(ir, folder, source_id)
+
+
+def finish_folder(ir: Path, folder: Path, source_id: str) -> None:
+    """What a compressed variant takes from the IR, and a tokenizer path optimum-intel should not record."""
     saved = folder / "openvino_config.json"
     if saved.is_file():
         config_json = json.loads(saved.read_text())
         quant = config_json.get("quantization_config") or {}
-        if quant.get("tokenizer"):
+        if quant.get("tokenizer"):  # a local path (the IR's): keep only a Hub id
             quant["tokenizer"] = source_id if not Path(source_id).exists() else None
         saved.write_text(json.dumps(config_json, indent=2) + "\n")
     for item in ir.iterdir():  # tokenizers, detokenizer, chat template, generation config
         if item.name not in MODEL_FILES and not (folder / item.name).exists():
             shutil.copy2(item, folder / item.name)
+
+
+def prepare_torch_free(ir: Path, jobs: list[dict[str, Any]], configs: dict[str, Any], source_id: str) -> list[Any]:
+    """Data-free variants for :mod:`hubquant.exporters.openvino_compress`: optimum-intel's own steps up to
+    ``nncf.compress_weights`` (the configuration ``from_pretrained(ir, quantization_config=…)`` resolves,
+    the JSON files ``save_pretrained`` writes), so only the compression itself runs without torch.
+
+    Returns, per job, the compressor's entry or the exception that stopped its preparation.
+    """
+    from optimum.intel import OVConfig, OVModelForCausalLM
+    from optimum.intel.openvino.modeling_base import _apply_default_ignored_scope_config
+    from optimum.intel.openvino.quantization import OVQuantizer
+
+    model = OVModelForCausalLM.from_pretrained(str(ir), compile=False, use_cache=True)  # weights stay mapped
+    prepared: list[Any] = []
+    for job in jobs:
+        try:
+            config = type(model)._resolve_default_quantization_config(str(ir), configs[job["name"]])
+            config = model._preprocess_quantization_config(config, str(ir))
+            pipeline = OVQuantizer(model)._construct_pipeline_quantization_config(config)
+            pipeline = _apply_default_ignored_scope_config(str(ir), pipeline)
+            own = pipeline.quantization_configs.get("model", pipeline.default_config)
+            arguments = own.to_nncf_dict()
+            arguments.pop("weight_only", None)
+            folder = Path(job["folder"])
+            folder.mkdir(parents=True, exist_ok=True)
+            model.config.save_pretrained(folder)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(folder)
+            model._openvino_config = OVConfig(quantization_config=pipeline)
+            model._save_openvino_config(folder)
+            finish_folder(ir, folder, source_id)
+            prepared.append({**job, "arguments": arguments, "dq_group_size": own.dq_group_size})
+        except Exception as exc:  # noqa: BLE001 - reported per variant
+            traceback.print_exc()
+            prepared.append(exc)
+    return prepared
 
 
 def failure(exc: BaseException) -> dict[str, Any]:
@@ -219,23 +264,49 @@ def _compress_all(plan: dict[str, Any], jobs: list[dict[str, Any]], results: dic
         traceback.print_exc()
         results.update({job["name"]: {"error": failure(exc)} for job in pending})
         return
-    shared = time.perf_counter() - started
     release_memory()  # what the torch export freed, before NNCF allocates the compressed weights
-    for job in pending:
-        say(f"openvino {job['precision']}: compressing with NNCF")
+    shared = time.perf_counter() - started
+    meta = {
+        job["name"]: {"shared_seconds": shared, "warnings": warnings[job["name"]], "settings": records[job["name"]]}
+        for job in pending
+    }
+    _compress_from_ir(plan, ir, pending, configs, meta, results)
+
+
+def _compress_from_ir(
+    plan: dict[str, Any],
+    ir: Path,
+    pending: list[dict[str, Any]],
+    configs: dict[str, Any],
+    meta: dict[str, dict[str, Any]],
+    results: dict[str, Any],
+) -> None:
+    """Calibrated variants are compressed here (their data needs torch and transformers); data-free ones are
+    prepared for the torch-free compressor the parent runs once this process has ended."""
+    free = [job for job in pending if "dataset" not in meta[job["name"]]["settings"]]
+    deferred = []
+    started = time.perf_counter()
+    for job, entry in zip(free, prepare_torch_free(ir, free, configs, plan["source_id"]) if free else [], strict=True):
+        if isinstance(entry, Exception):
+            results[job["name"]] = {"error": failure(entry)}
+        else:
+            deferred.append(entry)
+            results[job["name"]] = {**meta[job["name"]], "deferred": True}
+    for entry in deferred:  # the preparation, shared by the deferred variants
+        results[entry["name"]]["seconds"] = (time.perf_counter() - started) / len(deferred)
+    for job in (job for job in pending if job not in free):
+        say(f"openvino {job['precision']}: compressing with NNCF (calibrated)")
         started = time.perf_counter()
         try:
-            compress(ir, Path(job["folder"]), configs[job["name"]], source_id)
-            results[job["name"]] = {
-                "seconds": time.perf_counter() - started,
-                "shared_seconds": shared,
-                "warnings": warnings[job["name"]],
-                "settings": records[job["name"]],
-            }
+            compress(ir, Path(job["folder"]), configs[job["name"]], plan["source_id"])
+            results[job["name"]] = {**meta[job["name"]], "seconds": time.perf_counter() - started}
         except Exception as exc:  # noqa: BLE001 - reported per variant
             traceback.print_exc()
             results[job["name"]] = {"error": failure(exc), "seconds": time.perf_counter() - started}
-    shutil.rmtree(ir, ignore_errors=True)  # the temporary IR goes as soon as no variant needs it
+    if deferred:
+        (Path(plan["work_dir"]) / COMPRESS_SPEC).write_bytes(pickle.dumps({"ir": str(ir), "jobs": deferred}))
+    else:
+        shutil.rmtree(ir, ignore_errors=True)  # the temporary IR goes as soon as no variant needs it
 
 
 def run(plan: dict[str, Any]) -> dict[str, Any]:
