@@ -450,19 +450,27 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file of an output (a single file is keyed by its suffix)."""
+    """sha256 of every file of an output (a single file is keyed by its suffix); an OpenVINO IR's XML also
+    without the numbers OpenVINO gives unnamed nodes, which depend on what the process did before."""
+    import hashlib
+
     from hubquant.artifact import sha256_file
+    from hubquant.exporters.openvino_compress import without_node_numbers
 
     if folder.is_file():
         return {folder.suffix: sha256_file(folder), **(gguf_parts(folder) if folder.suffix == ".gguf" else {})}
     files = [p for p in folder.rglob("*") if p.is_file() and p.name not in HUBQUANT_ONLY]
     if len(files) == 1 and files[0].suffix == ".gguf":  # hubquant's GGUF variant folder: its one file
         return file_hashes(files[0])
-    return {
+    hashes = {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in HUBQUANT_ONLY
     }
+    for xml in sorted(folder.rglob("openvino_model.xml")):  # hubquant compresses in a fresh process
+        text = without_node_numbers(xml.read_text())
+        hashes[f"{xml.relative_to(folder).as_posix()}:without-node-numbers"] = hashlib.sha256(text.encode()).hexdigest()
+    return hashes
 
 
 def gguf_parts(path: Path) -> dict[str, str]:

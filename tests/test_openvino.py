@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import yaml
 
 from hubquant.artifact import load_artifact, sha256_file
 from hubquant.exporters.openvino import OpenVINOExporter, OpenVINORunner
+from hubquant.exporters.openvino_compress import without_node_numbers
 from hubquant.source import resolve_source
 from hubquant.stats import kl_divergence
 from hubquant.stats import runner_perplexity as perplexity
@@ -163,11 +163,6 @@ def test_model_defaults_from_optimum_intel_table(untrained_phi3: Path, tmp_path:
     assert quant["group_size"] == 128 and not quant.get("scale_estimation")
 
 
-def _without_node_numbers(xml: str) -> str:
-    """An IR's XML with the numbers OpenVINO gives unnamed nodes (``Convert_6475``) taken out."""
-    return re.sub(r'(name="[A-Za-z]+)_[0-9]+"', r'\1_N"', xml)
-
-
 @pytest.mark.slow
 def test_torch_free_compression_writes_what_optimum_cli_writes(untrained_phi3: Path, tmp_path: Path) -> None:
     """Data-free int4 is compressed in a child without torch (hubquant.exporters.openvino_compress); its
@@ -188,7 +183,7 @@ def test_torch_free_compression_writes_what_optimum_cli_writes(untrained_phi3: P
     for name in raw_files:
         theirs, mine = raw / name, ours / name
         if name == "openvino_model.xml":
-            assert _without_node_numbers(theirs.read_text()) == _without_node_numbers(mine.read_text())
+            assert without_node_numbers(theirs.read_text()) == without_node_numbers(mine.read_text())
         elif name == "openvino_config.json":  # hubquant drops the local path of the tokenizer NNCF was given
             raw_config, our_config = json.loads(theirs.read_text()), json.loads(mine.read_text())
             assert raw_config["quantization_config"].pop("tokenizer") == str(untrained_phi3)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -30,13 +31,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-sys.modules.setdefault("torch", None)  # type: ignore[arg-type] # before anything imports NNCF
-
-from hubquant.child import say  # noqa: E402
-from hubquant.faults import checkpoint  # noqa: E402
+from hubquant.child import say
+from hubquant.faults import checkpoint
 
 #: The file name of the compressed model in a variant folder (optimum-intel's).
 MODEL_XML = "openvino_model.xml"
+
+
+def without_node_numbers(xml: str) -> str:
+    """An IR's XML with the numbers OpenVINO gives unnamed nodes (``Convert_6475`` → ``Convert_N``): what
+    must match between this compressor's output and optimum-cli's."""
+    return re.sub(r'(name="[A-Za-z]+)_[0-9]+"', r'\1_N"', xml)
 
 
 def compress_one(ir_xml: Path, folder: Path, arguments: dict[str, Any], dq_group_size: int | None) -> None:
@@ -77,6 +82,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type] # before anything imports NNCF
     spec_path, result_path = Path(argv[0]), Path(argv[1])
     spec = pickle.loads(spec_path.read_bytes())  # written by hubquant's own worker in this run's work folder
     try:
