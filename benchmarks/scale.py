@@ -599,7 +599,16 @@ def markdown(report: dict) -> list[str]:
 
 
 def _outputs_line(outputs: dict) -> str:
-    parts = [f"{len(outputs['identical'])} file(s) byte-identical"]
+    files = [key for key in outputs["identical"] if ":" not in key]
+    parts = [f"{len(files)} file(s) byte-identical"]
+    checks: dict[str, list[str]] = {}  # a file's parts compared on their own: gguf:tensors, xml:without-node-numbers
+    for key in outputs["identical"]:
+        if ":" in key:
+            checks.setdefault(key.split(":")[0], []).append(key.split(":", 1)[1].replace("-", " "))
+    for name, same in checks.items():
+        named = [part for part in same if part in ("tensors", "without node numbers")]
+        rest = f"{len(same) - len(named)} metadata keys" if len(same) > len(named) else ""
+        parts.append(f"{name} identical: {', '.join([*named, rest] if rest else named)}")
     for key, label in (("different", "different"), ("raw_only", "raw only"), ("hubquant_only", "hubquant only")):
         if outputs[key]:
             parts.append(f"{label}: {', '.join(outputs[key])}")
