@@ -172,6 +172,40 @@ def test_f16_intermediate_is_built_once(untrained_phi3: Path, tmp_path: Path, mo
     assert not list((tmp_path / "a").glob(".hubquant-tmp-*")), "the intermediate is not left behind"
 
 
+CONVERT_IN_A_FRESH_PROCESS = """
+import sys
+from pathlib import Path
+import hubquant
+from hubquant.exporters.gguf_tools import convert
+from hubquant.source import resolve_source
+convert(resolve_source(Path(sys.argv[1])), Path(sys.argv[2]), "F16")
+print("transformers.models.auto.modeling_auto" in sys.modules)
+"""
+
+
+def test_converter_hparams_are_read_in_a_child(tiny_phi3: Path, tmp_path: Path) -> None:
+    """A process that converts reads the converter's hyperparameters through a child, so AutoConfig's
+    import chain (transformers' model classes, torch's compiler stack: ~0.22 GiB) never enters it; the
+    GGUF is the one the converter writes reading them itself (this test process holds those imports)."""
+    import subprocess
+    import sys
+
+    from hubquant.exporters.gguf_tools import convert
+
+    fresh = subprocess.run(
+        [sys.executable, "-c", CONVERT_IN_A_FRESH_PROCESS, str(tiny_phi3), str(tmp_path / "child.gguf")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert fresh.stdout.strip() == "False", fresh.stderr[-2000:]
+    import transformers.models.auto.modeling_auto  # noqa: F401 - as after an in-process evaluation
+
+    convert(resolve_source(tiny_phi3), tmp_path / "itself.gguf", "F16")
+    assert (tmp_path / "child.gguf").read_bytes() == (tmp_path / "itself.gguf").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["child.gguf", "itself.gguf"], "no hparams file left"
+
+
 def test_intermediates_go_to_the_scratch_folder(
     untrained_phi3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

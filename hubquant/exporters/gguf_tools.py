@@ -20,10 +20,7 @@ import importlib.util
 import json
 import logging
 import os
-import pickle
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubquant.errors import ExportError, RecipeError
+from hubquant.exporters.gguf_hparams import hparams_from_child
 from hubquant.faults import checkpoint
 
 if TYPE_CHECKING:
@@ -165,37 +163,6 @@ def _converter_class(source: SourceModel, precision: str, pre_tokenizer: str | N
     )
 
 
-@contextlib.contextmanager
-def _hparams_from_child(source: SourceModel, output: Path) -> Iterator[Callable[[], dict[str, Any] | None]]:
-    """Start :mod:`hubquant.exporters.gguf_hparams` (the converter's ``load_hparams`` in a child, so its
-    ~0.22 GiB of transformers imports never enter this process); yield what waits for its answer
-    (None: the converter reads them itself). The child is stopped when the block ends early. A process
-    that imported transformers' model classes already (an in-process evaluation, a test) gains nothing:
-    the converter reads them itself there."""
-    from hubquant.child import python_module, stop
-    from hubquant.paths import child_environment
-
-    if "transformers.models.auto.modeling_auto" in sys.modules:  # this process holds those imports already
-        yield lambda: None
-        return
-    out = output.with_name(f".{output.stem}-hparams.pkl")
-    command = python_module("hubquant.exporters.gguf_hparams", str(source.path), str(out))
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_environment())
-
-    def answer() -> dict[str, Any] | None:
-        child.wait()
-        hparams = pickle.loads(out.read_bytes()) if out.is_file() else None  # our own child's, in our folder
-        log.debug("gguf: converter hyperparameters %s", "read in a child" if hparams else "left to the converter")
-        return hparams
-
-    try:
-        yield answer
-    finally:
-        stop(child)
-        out.unlink(missing_ok=True)
-        out.with_suffix(".tmp").unlink(missing_ok=True)
-
-
 def _converter_failure(exc: Exception, source: SourceModel, precision: str) -> ExportError:
     """The converter's exception as the user's error: an unknown pre-tokenizer, or what failed."""
     if isinstance(exc, NotImplementedError):
@@ -243,7 +210,7 @@ def convert(
         override = output.with_name(f".{output.stem}-metadata.json")
         override.write_text(json.dumps(metadata), encoding="utf-8")
     try:
-        with _hparams_from_child(source, output) as hparams:  # read while this process imports the converter
+        with hparams_from_child(source, output) as hparams:  # read while this process imports the converter
             import gguf
             import torch
 
