@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hubquant.paths import child_environment
 
@@ -112,6 +113,13 @@ def stop(child: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
+
+
+def hand_back(path: Path, data: bytes) -> None:
+    """Called in a child: write its answer for the parent whole or not at all (a temporary, then a rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def release_memory() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hubquant  # noqa: F401 - its import work-arounds first (hubquant._compat)
-from hubquant.child import python_module, stop
+from hubquant.child import hand_back, python_module, stop
 from hubquant.paths import child_environment
 
 if TYPE_CHECKING:
@@ -68,9 +68,7 @@ def main(argv: list[str]) -> int:
         hparams = ModelBase.load_hparams(model, False)
     except Exception:  # noqa: BLE001 - the converter will read (or fail to read) them itself
         hparams = None
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps(hparams))
-    tmp.replace(out)
+    hand_back(out, pickle.dumps(hparams))
     return 0
 
 

@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from hubquant.child import say
+from hubquant.child import hand_back, say
 from hubquant.faults import checkpoint
 
 #: The file name of the compressed model in a variant folder (optimum-intel's).
@@ -93,9 +93,7 @@ def main(argv: list[str]) -> int:
         traceback.print_exc()
         results = {job["name"]: {"error": failure(exc)} for job in spec["jobs"]}
     outcome = {"variants": results, "torch_imported": sys.modules.get("torch") is not None}
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(outcome, indent=2, default=str))
-    tmp.replace(result_path)
+    hand_back(result_path, json.dumps(outcome, indent=2, default=str).encode())
     return 0
 
 

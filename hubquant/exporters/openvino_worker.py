@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from hubquant.child import release_memory, say
+from hubquant.child import hand_back, release_memory, say
 from hubquant.errors import ExportError, HubquantError
 from hubquant.exporters.openvino import COMPRESS_SPEC, INT4_OPTIONS, import_optimum_intel
 from hubquant.faults import checkpoint
@@ -330,9 +330,7 @@ def main(argv: list[str]) -> int:
         hint = getattr(exc, "hint", None)
         error = {"message": str(getattr(exc, "message", exc)), "hint": hint} if hint else failure(exc)
         results = {job["name"]: {"error": error} for job in plan["jobs"]}
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    tmp.replace(result_path)
+    hand_back(result_path, json.dumps(results, indent=2, default=str).encode())
     return 0
 
 
