@@ -17,6 +17,16 @@ import pytest
 from hubquant.tiny import build_tiny_phi
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """This process builds PyTorch references through transformers' model classes anyway. Holding them
+    from the start (after hubquant's import work-arounds) lets an in-process GGUF conversion read the
+    model configuration itself instead of through hubquant.exporters.gguf_hparams' child, which costs
+    ~8 s per conversion at tiny size (its import chain) and saves nothing in a process that has those
+    imports. Fresh processes — every CLI run in a subprocess,
+    test_gguf.py::test_converter_hparams_are_read_in_a_child — still go through the child."""
+    import transformers.models.auto.modeling_auto  # noqa: F401
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants

@@ -286,7 +286,12 @@ def _compress_from_ir(
     free = [job for job in pending if "dataset" not in meta[job["name"]]["settings"]]
     deferred = []
     started = time.perf_counter()
-    for job, entry in zip(free, prepare_torch_free(ir, free, configs, plan["source_id"]) if free else [], strict=True):
+    try:
+        prepared = prepare_torch_free(ir, free, configs, plan["source_id"]) if free else []
+    except Exception as exc:  # noqa: BLE001 - the IR would not load: the data-free variants fail, not the rest
+        traceback.print_exc()
+        prepared = [exc] * len(free)
+    for job, entry in zip(free, prepared, strict=True):
         if isinstance(entry, Exception):
             results[job["name"]] = {"error": failure(entry)}
         else:
