@@ -4,8 +4,8 @@
     python benchmarks/results_table.py --write      # put it into README.md between its markers
     python benchmarks/results_table.py --check      # exit 1 when README.md's table is not the files'
 
-Every ``scale-*.json`` report contributes one row per format it measured (the newest report wins
-when two measured the same format): medians over its runs with (min–max), the ratios hubquant / raw,
+Every ``scale-*.json`` report contributes one row per shape and format it measured (the newest
+report wins when two measured the same ones): medians over its runs with (min–max), the ratios hubquant / raw,
 and how many alternating runs each figure is the median of. ``tests/test_benchmarks.py`` runs
 ``--check``, so the README's figures are the files', never retyped.
 """
@@ -30,15 +30,16 @@ ROWS = {
 }
 
 
-def reports(folder: Path = RESULTS) -> dict[str, tuple[dict, dict]]:
-    """format → (its summary, the report it comes from), the newest report per format."""
-    found: dict[str, tuple[dict, dict]] = {}
+def reports(folder: Path = RESULTS) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """(shape, format) → (its summary, the report it comes from), the newest report per shape and format."""
+    found: dict[tuple[str, str], tuple[dict, dict]] = {}
     for path in sorted(folder.glob("scale-*.json")):
         report = json.loads(path.read_text())
         report["file"] = path.name
         for fmt, summary in report.get("formats", {}).items():
-            if fmt not in found or report["date"] > found[fmt][1]["date"]:
-                found[fmt] = (summary, report)
+            key = (Path(report["model"]).name, fmt)
+            if key not in found or report["date"] > found[key][1]["date"]:
+                found[key] = (summary, report)
     return found
 
 
@@ -48,27 +49,40 @@ def _figure(summary: dict, key: str, digits: int) -> str:
     return text + (f" ({low:.{digits}f}–{high:.{digits}f})" if f"{low:.{digits}f}" != f"{high:.{digits}f}" else "")
 
 
+def _row(shape: str, fmt: str, summary: dict, report: dict) -> str:
+    """One row; a path that did not finish shows its peaks until it was stopped, and no ratio."""
+    cells = []
+    for name in ("raw", "hubquant"):
+        s = summary.get(name)
+        if s is None:
+            cells += ["not run", "—"]
+        elif "stopped" in s:
+            cells += [f"stopped after {s['wall_s']:.0f} s", f"≥ {s['peak_rss_gib']:.2f} / ≥ {s['peak_anon_gib']:.2f}"]
+        else:
+            cells += [_figure(s, "wall_s", 1), f"{s['peak_rss_gib']:.2f} / {s['peak_anon_gib']:.2f}"]
+    ratio = summary.get("ratio")
+    ratios = [f"**{ratio[k]:.2f}×**" for k in ("wall_s", "peak_rss_gib", "peak_anon_gib")] if ratio else ["—", "—", "—"]
+    return (
+        f"| {shape} | {ROWS[fmt]} | {report.get('repeat', 1)} | {cells[0]} | {cells[2]} | {ratios[0]} | {cells[1]} "
+        f"| {cells[3]} | {ratios[1]} | {ratios[2]} |"
+    )
+
+
 def table(folder: Path = RESULTS) -> str:
     """The Markdown table and the line that names its sources."""
     found = reports(folder)
     lines = [
-        "| format (variant, raw tool) | runs | raw wall s | hubquant wall s | wall | raw RSS / anon GiB "
+        "| shape | format (variant, raw tool) | runs | raw wall s | hubquant wall s | wall | raw RSS / anon GiB "
         "| hubquant RSS / anon GiB | RSS | anon |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     sources = {}
-    for fmt in ROWS:
-        if fmt not in found:
-            continue
-        summary, report = found[fmt]
-        raw, ours, ratio = summary["raw"], summary["hubquant"], summary["ratio"]
-        lines.append(
-            f"| {ROWS[fmt]} | {report.get('repeat', 1)} | {_figure(raw, 'wall_s', 1)} | {_figure(ours, 'wall_s', 1)} "
-            f"| **{ratio['wall_s']:.2f}×** | {raw['peak_rss_gib']:.2f} / {raw['peak_anon_gib']:.2f} "
-            f"| {ours['peak_rss_gib']:.2f} / {ours['peak_anon_gib']:.2f} | **{ratio['peak_rss_gib']:.2f}×** "
-            f"| **{ratio['peak_anon_gib']:.2f}×** |"
-        )
-        sources[report["file"]] = report
+    for shape in sorted({shape for shape, _ in found}, key=lambda name: (len(name), name), reverse=True):
+        for fmt in ROWS:
+            if (shape, fmt) in found:
+                summary, report = found[(shape, fmt)]
+                lines.append(_row(shape, fmt, summary, report))
+                sources[report["file"]] = report
     notes = [
         f"`benchmarks/results/{name}` ({report['date'][:10]}, {report['machine']['cores']} cores, "
         f"`{report['command']}`)"

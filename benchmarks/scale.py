@@ -21,12 +21,14 @@ memory and peak extra disk, and the evaluation table, go into the same report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -319,8 +321,14 @@ class Watch:
     """Samples a process tree every 0.1 s: peak summed RSS and anonymous memory (see :func:`process_memory`),
     lowest free disk."""
 
-    def __init__(self, root_pid: int, disk: Path, free_start: int, started: float) -> None:
+    def __init__(
+        self, root_pid: int, disk: Path, free_start: int, started: float, limit_gib: float | None = None
+    ) -> None:
         self.root, self.disk, self.started = root_pid, disk, started
+        #: Anonymous memory (GiB, the tree's sum) at which the tree is killed, so a tool that cannot fit
+        #: is measured up to a set point instead of taking the machine into the OOM killer.
+        self.limit_kib = int(limit_gib * 2**20) if limit_gib else None
+        self.stopped_at: float | None = None
         self.peak_rss = self.peak_anon = 0
         #: (seconds since the step started, summed RSS KiB, summed anonymous KiB) per sample.
         self.samples: list[tuple[float, int, int]] = []
@@ -353,10 +361,16 @@ class Watch:
     def _run(self) -> None:
         while not self._stop.is_set():
             rss = anon = 0
-            for pid, parent in self._tree():
+            tree = self._tree()
+            for pid, parent in tree:
                 used = process_memory(pid, parent)
                 rss, anon = rss + used[0], anon + used[1]
             self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
+            if self.limit_kib and anon > self.limit_kib and self.stopped_at is None:
+                self.stopped_at = time.perf_counter() - self.started
+                for pid, _ in tree:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
             self.samples.append((time.perf_counter() - self.started, rss, anon))
             self.free_min = min(self.free_min, shutil.disk_usage(self.disk).free)
             self._stop.wait(0.1)
@@ -403,8 +417,12 @@ def run_steps(
     env: dict[str, str] | None = None,
     *,
     trace: bool = False,
+    limit_gib: float | None = None,
 ) -> dict:
-    """Run the steps one after the other, watched; with ``trace`` also each step's phases (see :func:`phases`)."""
+    """Run the steps one after the other, watched; with ``trace`` also each step's phases (see :func:`phases`).
+
+    A step that fails, or that ``limit_gib`` stops, ends the run: it is reported with ``stopped`` (why,
+    and after how many seconds) and the peaks seen until then, and ``output_gb`` 0."""
     cache = prepare_cache(model)
     free_start = shutil.disk_usage(work).free
     totals: dict = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gib": 0.0, "peak_anon_gib": 0.0, "peak_extra_disk_gb": 0.0}
@@ -414,7 +432,7 @@ def run_steps(
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, **(env or {})}
         )
-        watch = Watch(process.pid, work, free_start, started)
+        watch = Watch(process.pid, work, free_start, started, limit_gib)
         lines: list[tuple[float, str]] = []
         reader = threading.Thread(target=_read_output, args=(process, started, lines), daemon=True)
         reader.start()
@@ -422,14 +440,21 @@ def run_steps(
         totals["wall_s"] += time.perf_counter() - started
         seen = watch.stop()
         reader.join()
-        if os.waitstatus_to_exitcode(status) != 0:
-            tail = "\n".join(text for _, text in lines[-40:])
-            raise SystemExit(f"failed: {' '.join(command)}\n{tail}")
         totals["cpu_s"] += usage.ru_utime + usage.ru_stime
         for key in ("peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb"):
             totals[key] = max(totals[key], seen[key])
         if trace:
             traced.append({"command": Path(command[0]).name, "phases": phases(watch.samples, lines)})
+        code = os.waitstatus_to_exitcode(status)
+        if watch.stopped_at is not None or code != 0:
+            why = (
+                f"stopped at {limit_gib} GiB anonymous memory"
+                if watch.stopped_at is not None
+                else f"exit {code}: " + " / ".join(text for _, text in lines[-3:])
+            )
+            print(f"{Path(command[0]).name}: {why}", file=sys.stderr, flush=True)
+            result = {**totals, "output_gb": 0.0, "cache": cache, "stopped": f"{why} after {totals['wall_s']:.0f} s"}
+            return {**result, "trace": traced} if trace else result
     result = {**totals, "output_gb": _size(output) / 1e9, "cache": cache}
     return {**result, "trace": traced} if trace else result
 
@@ -445,6 +470,9 @@ def summarise(runs: list[dict]) -> dict:
     summary: dict = {key: statistics.median(r[key] for r in runs) for key in MEASURES}
     summary["spread"] = {key: [min(r[key] for r in runs), max(r[key] for r in runs)] for key in MEASURES}
     summary["cache"] = runs[0]["cache"]
+    stopped = [r["stopped"] for r in runs if "stopped" in r]
+    if stopped:  # one stopped run makes the path's figures peaks-until-stopped, not a finished build
+        summary["stopped"] = stopped[0]
     summary["runs"] = runs
     return summary
 
@@ -573,21 +601,27 @@ def markdown(report: dict) -> list[str]:
     ]
     for fmt, summary in report["formats"].items():
         for name in ("raw", "hubquant"):
-            s = summary[name]
+            s = summary.get(name)
+            if s is None:
+                lines.append(f"| {fmt} | {name} | not run | | | | | |")
+                continue
+            output = f"stopped: {s['stopped']}" if "stopped" in s else f"{s['output_gb']:.2f}"
             lines.append(
                 f"| {fmt} | {name} | {_spread(s, 'wall_s', 1)} | {_spread(s, 'cpu_s', 1)} | "
                 f"{_spread(s, 'peak_rss_gib', 2)} | {_spread(s, 'peak_anon_gib', 2)} | "
-                f"{_spread(s, 'peak_extra_disk_gb', 2)} | {s['output_gb']:.2f} |"
+                f"{_spread(s, 'peak_extra_disk_gb', 2)} | {output} |"
             )
-        r = summary["ratio"]
-        lines.append(
-            f"| {fmt} | **ratio** | **{r['wall_s']:.2f}×** | {r['cpu_s']:.2f}× | **{r['peak_rss_gib']:.2f}×** | "
-            f"**{r['peak_anon_gib']:.2f}×** | {(r['peak_extra_disk_gb'] or 0):.2f}× | |"
-        )
+        r = summary.get("ratio")
+        if r:
+            lines.append(
+                f"| {fmt} | **ratio** | **{r['wall_s']:.2f}×** | {r['cpu_s']:.2f}× | **{r['peak_rss_gib']:.2f}×** | "
+                f"**{r['peak_anon_gib']:.2f}×** | {(r['peak_extra_disk_gb'] or 0):.2f}× | |"
+            )
     for fmt, summary in report["formats"].items():
-        lines += ["", f"**{fmt} outputs**: " + _outputs_line(summary["outputs"])]
+        if "outputs" in summary:
+            lines += ["", f"**{fmt} outputs**: " + _outputs_line(summary["outputs"])]
         for name in ("raw", "hubquant"):
-            for step in summary[name]["runs"][0].get("trace", []):
+            for step in summary.get(name, {"runs": [{}]})["runs"][0].get("trace", []):
                 lines += ["", f"{fmt} {name}, `{step['command']}` (first run): peak memory by phase", ""]
                 lines += ["| from s | phase | peak RSS GiB | peak anon GiB |", "|---:|---|---:|---:|"]
                 lines += [
@@ -658,6 +692,42 @@ def finite_check(model: Path) -> dict:
     return {"seconds": round(time.perf_counter() - started, 1) if ran else None, "cache": cache}
 
 
+def measure_format(fmt: str, args: argparse.Namespace, scratch: Path) -> dict:
+    """Both paths (or those of ``--paths``), alternating, ``--repeat`` times: medians, ratios and the first
+    pair's outputs compared. A stopped run (see :func:`run_steps`) is reported as such, without a ratio."""
+    runs: dict[str, list[dict]] = {name: [] for name in args.paths}
+    hashes: dict[str, dict[str, str]] = {}
+    steps_of = {"raw": raw_steps, "hubquant": hubquant_steps}
+    for index in range(args.repeat):
+        for name in args.paths:
+            work = scratch / f"{fmt}-{name}-{index}"
+            work.mkdir()
+            output = work / (OUTPUTS[fmt] if name == "raw" else "out")
+            measured = run_steps(
+                steps_of[name](fmt, args.model, work),
+                work,
+                args.model,
+                output,
+                trace=args.trace,
+                limit_gib=args.memory_limit_gib,
+            )
+            runs[name].append(measured)
+            if index == 0 and "stopped" not in measured:  # the first pair's outputs are compared file by file
+                hashes[name] = file_hashes(output if name == "raw" else next(output.iterdir()))
+            shutil.rmtree(work)
+            print(f"{fmt} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
+    summary: dict = {name: summarise(rs) for name, rs in runs.items()}
+    if len(hashes) == 2:
+        summary["outputs"] = compare_outputs(hashes["raw"], hashes["hubquant"])
+    complete = all(name in summary and "stopped" not in summary[name] for name in ("raw", "hubquant"))
+    if complete:
+        summary["ratio"] = {
+            key: (summary["hubquant"][key] / summary["raw"][key]) if summary["raw"][key] else None
+            for key in ("wall_s", "cpu_s", "peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb")
+        }
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -671,6 +741,18 @@ def main(argv: list[str] | None = None) -> int:
         default=list(UNMEASURED_AT_SIZE),
         choices=list(VARIANTS),
         help="formats the publish builds and stages without evaluating (default: mlx)",
+    )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["raw", "hubquant"],
+        choices=["raw", "hubquant"],
+        help="which paths to run (a raw tool known not to fit can be left out, or stopped by --memory-limit-gib)",
+    )
+    parser.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        help="kill a run whose anonymous memory passes this, and report its peak until then (default: no limit)",
     )
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary folder)")
     parser.add_argument("--report", type=Path, default=Path("bench-scale"), help="writes REPORT.json and REPORT.md")
@@ -692,26 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         for fmt in args.format:
-            runs: dict[str, list[dict]] = {"raw": [], "hubquant": []}
-            hashes: dict[str, dict[str, str]] = {}
-            for index in range(args.repeat):
-                for name, steps in (("raw", raw_steps), ("hubquant", hubquant_steps)):
-                    work = scratch / f"{fmt}-{name}-{index}"
-                    work.mkdir()
-                    output = work / (OUTPUTS[fmt] if name == "raw" else "out")
-                    measured = run_steps(steps(fmt, args.model, work), work, args.model, output, trace=args.trace)
-                    runs[name].append(measured)
-                    if index == 0:  # the outputs of the first pair are compared file by file
-                        hashes[name] = file_hashes(output if name == "raw" else next(output.iterdir()))
-                    shutil.rmtree(work)
-                    print(f"{fmt} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
-            summary = {name: summarise(rs) for name, rs in runs.items()}
-            summary["outputs"] = compare_outputs(hashes["raw"], hashes["hubquant"])
-            summary["ratio"] = {
-                key: (summary["hubquant"][key] / summary["raw"][key]) if summary["raw"][key] else None
-                for key in ("wall_s", "cpu_s", "peak_rss_gib", "peak_anon_gib", "peak_extra_disk_gb")
-            }
-            report["formats"][fmt] = summary
+            report["formats"][fmt] = measure_format(fmt, args, scratch)
         if args.publish:
             work = scratch / "publish"
             work.mkdir()

@@ -226,6 +226,7 @@ def _report(date: str, wall: float, *, fmt: str = "mlx") -> dict:
         return {**figures, "spread": {"wall_s": [seconds - 1, seconds + 2]}}
 
     return {
+        "model": "/data/phi35",
         "date": date,
         "command": "python benchmarks/scale.py /data/phi35 --repeat 3",
         "repeat": 3,
@@ -246,8 +247,14 @@ def test_readme_table_comes_from_the_result_files(tmp_path: Path) -> None:
     (tmp_path / "scale-old.json").write_text(json.dumps(_report("2026-11-01T00:00:00Z", 40.0)))
     (tmp_path / "scale-new.json").write_text(json.dumps(_report("2026-12-01T00:00:00Z", 35.4)))
     table = results_table.table(tmp_path)
-    assert "| MLX 4-bit g64 (`mlx_lm convert`) | 3 | 35.4 (34.4–37.4) |" in table  # the newest report, its spread
+    assert "| phi35 | MLX 4-bit g64 (`mlx_lm convert`) | 3 | 35.4 (34.4–37.4) |" in table  # the newest, its spread
     assert "40.0" not in table and "`benchmarks/results/scale-new.json` (2026-12-01" in table
+    stopped = _report("2026-12-02T00:00:00Z", 50.0, fmt="onnx")  # a raw tool that could not fit
+    stopped["formats"]["onnx"]["raw"]["stopped"] = "stopped at 20.0 GiB anonymous memory after 50 s"
+    del stopped["formats"]["onnx"]["ratio"]
+    (tmp_path / "scale-stopped.json").write_text(json.dumps(stopped))
+    row = next(line for line in results_table.table(tmp_path).splitlines() if "ONNX" in line)
+    assert "| stopped after 50 s | 50.0 (49.0–52.0) | — |" in row and "≥ 3.00 / ≥ 2.85" in row, row
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{results_table.BEGIN}\nold figures\n{results_table.END}\nrest\n")
     args = ["--readme", str(readme), "--results", str(tmp_path)]
@@ -256,3 +263,15 @@ def test_readme_table_comes_from_the_result_files(tmp_path: Path) -> None:
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("rest\n")
     # The repository's README holds exactly the table its result files give.
     assert results_table.main(["--check"]) == 0
+
+
+def test_the_scale_runner_stops_a_run_at_its_memory_limit(tmp_path: Path) -> None:
+    """A tool that cannot fit is measured up to the limit and reported as stopped, not left to the OOM killer."""
+    import scale
+
+    grow = "import time\nheld = []\nfor _ in range(400):\n    held.append(bytearray(1 << 20))\n    time.sleep(0.01)\n"
+    model = tmp_path / "model"
+    model.mkdir()
+    result = scale.run_steps([[sys.executable, "-c", grow]], tmp_path, model, tmp_path / "out", limit_gib=0.1)
+    assert result["stopped"].startswith("stopped at 0.1 GiB anonymous memory after"), result
+    assert 0.1 <= result["peak_anon_gib"] < 0.39 and result["output_gb"] == 0.0, result
