@@ -39,7 +39,8 @@ from hubquant.errors import ExportError, HubquantError
 from hubquant.exporters import get_exporter
 from hubquant.exporters.base import Exporter, ExportJob, Progress
 from hubquant.follow import Digests, FollowHasher
-from hubquant.preflight import build_order, check_disk, temporary_bytes, variant_bytes
+from hubquant.planner import build_order
+from hubquant.preflight import check_resources, temporary_bytes, variant_bytes
 from hubquant.recipe import Recipe, VariantSpec
 from hubquant.source import SourceModel, resolve_source
 
@@ -165,12 +166,11 @@ def quantize(
     source = resolve_source(recipe.source, revision=recipe.revision)
     for spec in recipe.variants:
         get_exporter(spec.format).check_installed()
+    output = Path(recipe.output)
+    for line in check_resources(source, recipe.variants, output, recipe.scratch):  # before reading any weight
+        say(line)
     if check_finite(source):
         say(f"source: no NaN or infinite weights in {len(source.weight_files)} file(s) (checked once per source)")
-    output = Path(recipe.output)
-    plan = check_disk(source, recipe.variants, output, recipe.scratch)
-    if plan is not None:
-        say(f"disk: this run needs {plan.describe()} (estimated; checked against the free space)")
     tracker = _open_tracker(source, tracking, recipe.experiment)
     with contextlib.ExitStack() as stack:
         if tracker is not None:

@@ -5,16 +5,15 @@ The estimate follows the order the pipeline builds in: formats with the largest 
 deleted before the next format starts, while finished variants accumulate in the output. So the
 peak is the largest, over that order, of (outputs finished so far + this format's outputs + this
 format's temporary), counted per filesystem when ``--scratch`` puts the temporaries on another one.
-Sizes come from the source's weight bytes and each precision's nominal bits: rough (±20% for
-K-quants, whose embeddings and output layer keep more bits), so a run is refused only when the
-estimate exceeds the free space; ``HUBQUANT_SKIP_DISK_CHECK=1`` skips the check.
+Sizes come from the source's weight bytes, each precision's bits and the format's measured overhead
+(:mod:`hubquant.planner`, which also estimates memory: :func:`check_resources` runs both checks); a run
+is refused only when the estimate exceeds the free space; ``HUBQUANT_SKIP_DISK_CHECK=1`` skips the check.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 from hubquant.display import human_size
 from hubquant.errors import OutputError
 from hubquant.exporters import get_exporter
+from hubquant.planner import build_order
 
 if TYPE_CHECKING:
     from hubquant.exporters.base import Exporter
@@ -31,14 +31,11 @@ if TYPE_CHECKING:
 SKIP_ENV = "HUBQUANT_SKIP_DISK_CHECK"
 
 
-def build_order(formats: Iterable[str]) -> list[str]:
-    """The order the pipeline builds formats in: the largest temporaries first (see the module text)."""
-    return sorted(formats, key=lambda fmt: -get_exporter(fmt).scratch_share)
-
-
 def variant_bytes(source: SourceModel, exporter: Exporter, spec: VariantSpec) -> int:
-    """A variant's own size on disk, from the source's weight bytes and the precision's nominal bits."""
-    return int(half_precision_bytes(source) * exporter.bits(spec.precision) / 16)
+    """A variant's own size on disk (:func:`hubquant.planner.output_bytes`)."""
+    from hubquant.planner import output_bytes
+
+    return output_bytes(half_precision_bytes(source), spec.format, spec.precision)
 
 
 def temporary_bytes(source: SourceModel, exporter: Exporter) -> int:
@@ -66,15 +63,22 @@ class DiskPlan:
         return f"about {human_size(self.output_peak)} (outputs) and {human_size(self.scratch_peak)} (intermediates)"
 
 
+def pending(source: SourceModel, specs: list[VariantSpec], output: Path) -> list[VariantSpec]:
+    """The variants not already in ``output`` (the ones a run will build)."""
+    return [
+        spec
+        for spec in specs
+        if not (output / get_exporter(spec.format)().folder_name(source, spec.precision, spec.options)).exists()
+    ]
+
+
 def plan_disk(source: SourceModel, specs: list[VariantSpec], output: Path, scratch: Path | None) -> DiskPlan:
     """The peak disk of building ``specs`` (those not already in ``output``) in the pipeline's order."""
     from hubquant.artifact import existing_parent
 
     formats: dict[str, list[VariantSpec]] = {}
-    for spec in specs:
-        exporter = get_exporter(spec.format)()
-        if not (output / exporter.folder_name(source, spec.precision, spec.options)).exists():
-            formats.setdefault(spec.format, []).append(spec)
+    for spec in pending(source, specs, output):
+        formats.setdefault(spec.format, []).append(spec)
     order = build_order(formats)
     same = scratch is None or os.stat(existing_parent(scratch)).st_dev == os.stat(existing_parent(output)).st_dev
     done = peak_together = peak_scratch = 0
@@ -116,3 +120,29 @@ def check_disk(source: SourceModel, specs: list[VariantSpec], output: Path, scra
                 f"larger one), or build fewer variants at once; {SKIP_ENV}=1 skips this estimate",
             )
     return plan
+
+
+def check_resources(source: SourceModel, specs: list[VariantSpec], output: Path, scratch: Path | None) -> list[str]:
+    """The run's disk and memory preflight, before any heavy work; the lines to tell the user.
+
+    Raises:
+        OutputError: the disk cannot hold the run (see :func:`check_disk`).
+        ResourceError: a variant needs more memory than is available (:func:`hubquant.planner.check_memory`).
+    """
+    from hubquant.planner import Shape, check_memory, estimate_run
+    from hubquant.torch_runner import available_memory
+
+    lines = []
+    todo = pending(source, specs, output)
+    if todo:
+        run = estimate_run(Shape.of_source(source), todo)
+        check_memory(run, available_memory())
+        if run.variants:
+            lines.append(
+                f"memory: the largest variant needs about {human_size(run.memory)} (estimated, {run.time_class} "
+                "to build them all here; `hubquant plan` shows each)"
+            )
+    plan = check_disk(source, specs, output, scratch)
+    if plan is not None:
+        lines.append(f"disk: this run needs {plan.describe()} (estimated; checked against the free space)")
+    return lines

@@ -101,6 +101,20 @@ class HubSection(BaseModel):
     collection: bool = True
 
 
+class RunnerSpec(BaseModel):
+    """A GitHub Actions runner the publish workflow may put a format's job on (``hubquant plan --github-matrix``).
+
+    The sizes default to GitHub's standard Linux runner for public repositories (16 GB memory,
+    14 GB SSD); give a larger runner's own figures.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(min_length=1)
+    memory_gb: float = Field(default=16.0, gt=0)
+    disk_gb: float = Field(default=14.0, gt=0)
+
+
 class Recipe(BaseModel):
     """A source checkpoint and the variants to build from it.
 
@@ -123,6 +137,18 @@ class Recipe(BaseModel):
     variants: list[VariantSpec]
     eval: EvalSection = Field(default_factory=EvalSection)
     hub: HubSection = Field(default_factory=HubSection)
+    #: Runners ``plan --github-matrix`` chooses from, by name: a label, or {label, memory_gb, disk_gb}.
+    #: ``default`` is tried first; a format whose estimate does not fit it goes to the next that fits.
+    runners: dict[str, RunnerSpec] = Field(default_factory=dict)
+
+    @field_validator("runners", mode="before")
+    @classmethod
+    def _runner_labels(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = {name: {"label": spec} if isinstance(spec, str) else spec for name, spec in value.items()}
+            if value and "default" not in value:
+                raise ValueError("runners needs a `default` entry (the runner a job gets when it fits)")
+        return value
 
     @field_validator("variants")
     @classmethod

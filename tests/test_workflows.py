@@ -59,7 +59,8 @@ def test_plan_prints_a_github_matrix(model: Path, tmp_path: Path) -> None:
     assert code == 0, err
     matrix = json.loads(out)
     assert [job["format"] for job in matrix["include"]] == ["gguf", "onnx", "openvino", "mlx"]
-    assert all(set(job) == {"name", "format", "extra", "variants"} for job in matrix["include"])
+    assert all(set(job) == {"name", "format", "extra", "variants", "runner"} for job in matrix["include"])
+    assert {job["runner"] for job in matrix["include"]} == {"ubuntu-latest"}, "no runners in the recipe: the default"
     assert sum(job["variants"] for job in matrix["include"]) == 11
     code, out, err = run_cli("plan", "--source", str(model), "--profile", "mobile", "--github-matrix", "--per-variant")
     assert code == 0, err

@@ -204,37 +204,84 @@ def plan(
     github_matrix: bool,
     per_variant: bool,
 ) -> None:
-    """Show the variants a recipe builds; --github-matrix prints them as a GitHub Actions matrix."""
-    from hubquant.exporters import get_exporter
+    """Show the variants a recipe builds and what each costs (memory, disk, time); --github-matrix prints
+    them as a GitHub Actions matrix, each job on a runner from the recipe's `runners` that holds it."""
     from hubquant.recipe import publish_recipe
 
     recipe = publish_recipe(recipe_file, source=source, profile=profile, revision=revision)
+    if github_matrix:
+        click.echo(json.dumps({"include": _matrix(recipe, per_variant=per_variant)}, separators=(",", ":")))
+        return
+    _print_plan(recipe)
+
+
+def _matrix(recipe: Any, *, per_variant: bool) -> list[dict[str, Any]]:
+    """The matrix's jobs (one per format, or per variant), each with its ``runner`` label."""
+    from hubquant.exporters import get_exporter
+    from hubquant.planner import choose_runner, estimate_run, source_shape
+
+    shape = source_shape(recipe.source, recipe.revision) if recipe.runners else None
 
     def extra(fmt: str) -> str:  # a job that scores lm-eval tasks installs them too
         return get_exporter(fmt).extra + (",tasks" if recipe.eval.tasks else "")
 
+    def runner(specs: list[Any]) -> str:
+        if shape is None:
+            return "ubuntu-latest"
+        return choose_runner(estimate_run(shape, specs), recipe.runners, shape.weight_bytes)
+
     if per_variant:
-        include = [
-            {"name": spec.label, "format": spec.format, "extra": extra(spec.format), "variant": index}
-            for index, spec in enumerate(recipe.variants)
+        return [
+            {"name": s.label, "format": s.format, "extra": extra(s.format), "variant": i, "runner": runner([s])}
+            for i, s in enumerate(recipe.variants)
         ]
-    else:
-        formats = list(dict.fromkeys(spec.format for spec in recipe.variants))
-        include = [
-            {
-                "name": fmt,
-                "format": fmt,
-                "extra": extra(fmt),
-                "variants": sum(1 for s in recipe.variants if s.format == fmt),
-            }
-            for fmt in formats
-        ]
-    if github_matrix:
-        click.echo(json.dumps({"include": include}, separators=(",", ":")))
-        return
+    formats = list(dict.fromkeys(spec.format for spec in recipe.variants))
+    return [
+        {
+            "name": fmt,
+            "format": fmt,
+            "extra": extra(fmt),
+            "variants": sum(1 for s in recipe.variants if s.format == fmt),
+            "runner": runner([s for s in recipe.variants if s.format == fmt]),
+        }
+        for fmt in formats
+    ]
+
+
+def _print_plan(recipe: Any) -> None:
+    """The variants, each with its estimated peak memory, extra disk and time class, against this machine."""
+    import os
+    import shutil
+
+    from hubquant.artifact import existing_parent
+    from hubquant.planner import estimate, estimate_run, source_shape
+    from hubquant.torch_runner import available_memory
+
+    shape = source_shape(recipe.source, recipe.revision)
+    free_memory = available_memory()
+    free_disk = shutil.disk_usage(existing_parent(Path(recipe.scratch or recipe.output))).free
+    click.echo(
+        f"source: {recipe.source} ({shape.describe()}); here: {os.cpu_count()} cores, "
+        f"{human_size(free_memory)} memory available, {human_size(free_disk)} disk free"
+    )
+    click.echo(f"{'#':>3}  {'format':<9} {'precision':<10} {'memory':>10} {'with mapped':>12} {'disk':>10}  time")
     for index, spec in enumerate(recipe.variants):
+        found = estimate(shape, spec)
         options = " ".join(f"{k}={v}" for k, v in spec.options.items() if v not in (None, False))
-        click.echo(f"{index:>3}  {spec.format:<9} {spec.precision:<10} {options}")
+        if found is None:
+            click.echo(f"{index:>3}  {spec.format:<9} {spec.precision:<10} {'(no measured figures)':>34}  {options}")
+            continue
+        over = "  ← more memory than is available here" if free_memory and found.memory > free_memory else ""
+        click.echo(
+            f"{index:>3}  {spec.format:<9} {spec.precision:<10} {human_size(found.memory):>10} "
+            f"{human_size(found.rss):>12} {human_size(found.disk):>10}  {found.time_class}  {options}{over}"
+        )
+    run = estimate_run(shape, recipe.variants)
+    click.echo(
+        f"run: peak memory {human_size(run.memory)} (with mapped weights {human_size(run.rss)}), peak extra disk "
+        f"{human_size(run.disk)} (formats with the largest intermediates first), {run.time_class}"
+        + ("; more disk than is free here" if run.disk > free_disk else "")
+    )
 
 
 @click.command()

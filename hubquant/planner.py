@@ -1,0 +1,277 @@
+"""What a run will cost before it starts: per variant, peak memory, peak extra disk and a time class.
+
+Every figure is a formula over facts of the source read from its safetensors headers (no weight is
+read), and over the variant's own size:
+
+- ``W``: the weights at 16 bits each (bytes; a float32 checkpoint counts half its bytes),
+- ``T``: the largest tensor at 16 bits (the embedding or the LM head: what a streaming tool holds),
+- ``O``: the variant's size on disk, ``W × bits / 16 × overhead`` (GGUF: llama-quantize's stated bits
+  per weight; the overhead is each format's group scales and the tensors it keeps wider, measured at
+  int4 and applied to every quantized precision).
+
+| format | anonymous memory (must fit in RAM) | mapped weights (RSS on top) | extra disk | wall, 2 cores |
+|---|---|---|---|---|
+| gguf | base + 2.5 T (the converter's and the quantizer's buffers) | W read once, streamed | F16 file W + O | 31 s/GB |
+| onnx | base + 2 O (the prequantized weights, then the ONNX graph) | W | prequantized 0.35 W + O | 13 s/GB |
+| openvino | base + O + 0.1 W (compressed weights; the export's own) | W (torch export, the IR) | IR W + O | 12 s/GB |
+| mlx | base + O + 4 T (the quantized model, one layer widened) | W | O | 4.5 s/GB |
+
+The coefficients (:data:`COSTS`) are fitted to ``benchmarks/scale.py`` runs at the Phi-3.5-mini (7.6 GB)
+and Phi-4 (29 GB) shapes kept in ``benchmarks/results/``; ``tests/test_planner.py`` recomputes every
+estimate for those shapes and checks it against the measured peaks within 25%. Anonymous memory is
+what decides whether a variant can be built: mapped weights can be dropped and read again (slower).
+``quantize`` and ``publish`` refuse up front (:func:`check_memory`) a variant whose anonymous memory
+exceeds what the system can give; ``HUBQUANT_SKIP_MEMORY_CHECK=1`` skips that check.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hubquant.display import count, human_size
+from hubquant.errors import HubquantError
+
+if TYPE_CHECKING:
+    from hubquant.recipe import RunnerSpec, VariantSpec
+    from hubquant.source import SourceModel
+
+GIB = 2**30
+SKIP_MEMORY_ENV = "HUBQUANT_SKIP_MEMORY_CHECK"
+#: Cores of the machine the seconds were measured on (benchmarks/results: 2 cores).
+MEASURED_CORES = 2
+#: Time classes, by estimated wall seconds (upper bounds).
+TIME_CLASSES = ((600, "minutes"), (3600, "under an hour"), (4 * 3600, "hours"), (float("inf"), "many hours"))
+
+
+class ResourceError(HubquantError):
+    """The machine cannot hold what a run needs (estimated before any work)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The facts of a source the estimates use (see the module text)."""
+
+    parameters: int
+    weight_bytes: int
+    largest_tensor_bytes: int
+
+    @classmethod
+    def from_headers(cls, headers: Iterable[Mapping[str, Any]]) -> Shape:
+        """From safetensors headers (``{name: {"shape": [...], ...}}``), every tensor counted at 16 bits."""
+        parameters = largest = 0
+        for header in headers:
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                numel = 1
+                for dim in info.get("shape", []):
+                    numel *= int(dim)
+                parameters += numel
+                largest = max(largest, numel)
+        return cls(parameters=parameters, weight_bytes=2 * parameters, largest_tensor_bytes=2 * largest)
+
+    @classmethod
+    def of_source(cls, source: SourceModel) -> Shape:
+        from hubquant.source import safetensors_header
+
+        return cls.from_headers(safetensors_header(source.path / name) for name in source.weight_files)
+
+    def describe(self) -> str:
+        return f"{count(self.parameters)} parameters, {human_size(self.weight_bytes)} at 16 bits"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One format's measured behaviour (bytes per byte of W, T or O; see the module text)."""
+
+    base_gib: float  # the process with its libraries imported, before any weight
+    per_weight: float  # anonymous, × W
+    per_tensor: float  # anonymous, × T
+    per_output: float  # anonymous, × O
+    mapped_per_weight: float  # file-backed RSS, × W (mmapped checkpoint or IR)
+    seconds_per_gb: float  # wall seconds per GB of W on MEASURED_CORES cores
+    overhead: float  # on-disk size of a quantized variant over its nominal bits
+
+
+#: Fitted to benchmarks/results/scale-phi-3.5-mini-*.json and scale-phi-4-*.json (see the module text).
+COSTS: dict[str, Cost] = {
+    "gguf": Cost(0.35, 0.0, 2.5, 0.0, 0.02, 31.0, 1.10),
+    "onnx": Cost(0.5, 0.0, 0.0, 2.0, 0.35, 13.0, 1.46),
+    "openvino": Cost(0.1, 0.0, 0.0, 1.0, 1.0, 12.0, 1.08),
+    "mlx": Cost(0.35, 0.0, 2.5, 1.0, 0.02, 4.5, 1.13),
+}
+
+
+@dataclass(frozen=True)
+class VariantEstimate:
+    """One variant's estimated cost."""
+
+    label: str
+    format: str
+    memory: int  # peak anonymous bytes
+    rss: int  # peak RSS: anonymous plus mapped weights
+    output: int  # the variant on disk
+    scratch: int  # its format's largest intermediate
+    seconds: float
+
+    @property
+    def disk(self) -> int:
+        """Peak extra disk of building this variant alone: its intermediate and itself."""
+        return self.output + self.scratch
+
+    @property
+    def time_class(self) -> str:
+        return next(name for bound, name in TIME_CLASSES if self.seconds < bound)
+
+
+def output_bytes(weight_bytes: int, fmt: str, precision: str) -> int:
+    """A variant's size on disk, from the source's 16-bit weight bytes (see the module text)."""
+    from hubquant.exporters import get_exporter
+
+    exporter = get_exporter(fmt)
+    if fmt == "gguf":
+        from hubquant.exporters.gguf import GGUFExporter
+
+        bits = GGUFExporter.bits_per_weight(precision)
+    else:
+        bits = exporter.bits(precision)
+    cost = COSTS.get(fmt)
+    overhead = cost.overhead if cost and bits < 16 else 1.0
+    return int(weight_bytes * bits / 16 * overhead)
+
+
+def estimate(shape: Shape, spec: VariantSpec, *, cores: int | None = None) -> VariantEstimate | None:
+    """The variant's cost, or None for a format without measured figures (a plugin's)."""
+    cost = COSTS.get(spec.format)
+    if cost is None:
+        return None
+    from hubquant.exporters import get_exporter
+
+    out = output_bytes(shape.weight_bytes, spec.format, spec.precision)
+    w, t = shape.weight_bytes, shape.largest_tensor_bytes
+    anon = cost.base_gib * GIB + cost.per_weight * w + cost.per_tensor * t + cost.per_output * out
+    speedup = max(0.25, min(2.0, MEASURED_CORES / (cores or os.cpu_count() or MEASURED_CORES)))
+    return VariantEstimate(
+        label=spec.label,
+        format=spec.format,
+        memory=int(anon),
+        rss=int(anon + cost.mapped_per_weight * w),
+        output=out,
+        scratch=int(get_exporter(spec.format).scratch_share * w),
+        seconds=cost.seconds_per_gb * w / 1e9 * speedup,
+    )
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """A run's variants, built one after another: memory peaks at the largest variant, disk as
+    :func:`hubquant.preflight.plan_disk` orders the formats, time adds up."""
+
+    shape: Shape
+    variants: list[VariantEstimate]
+    disk: int
+
+    @property
+    def memory(self) -> int:
+        return max((v.memory for v in self.variants), default=0)
+
+    @property
+    def rss(self) -> int:
+        return max((v.rss for v in self.variants), default=0)
+
+    @property
+    def seconds(self) -> float:
+        return sum(v.seconds for v in self.variants)
+
+    @property
+    def time_class(self) -> str:
+        return next(name for bound, name in TIME_CLASSES if self.seconds < bound)
+
+
+def build_order(formats: Iterable[str]) -> list[str]:
+    """The order the pipeline builds formats in: the largest intermediates first, before the finished
+    variants of the others fill the disk (see :mod:`hubquant.preflight`)."""
+    from hubquant.exporters import get_exporter
+
+    return sorted(formats, key=lambda fmt: -get_exporter(fmt).scratch_share)
+
+
+def estimate_run(shape: Shape, specs: list[VariantSpec], *, cores: int | None = None) -> RunEstimate:
+    """Every variant's estimate and the run's peak disk (formats with the largest intermediates first)."""
+    found = [e for e in (estimate(shape, spec, cores=cores) for spec in specs) if e is not None]
+    done = peak = 0
+    for fmt in build_order({e.format for e in found}):
+        of_format = [e for e in found if e.format == fmt]
+        outputs = sum(e.output for e in of_format)
+        peak = max(peak, done + outputs + max(e.scratch for e in of_format))
+        done += outputs
+    return RunEstimate(shape=shape, variants=found, disk=peak)
+
+
+def check_memory(run: RunEstimate, available: int | None) -> None:
+    """Refuse a run with a variant whose anonymous memory exceeds ``available`` (bytes; None: unknown).
+
+    Raises:
+        ResourceError: naming the variants that cannot fit, their estimate and what is available.
+    """
+    if available is None or os.environ.get(SKIP_MEMORY_ENV) == "1":
+        return
+    too_big = [v for v in run.variants if v.memory > available]
+    if not too_big:
+        return
+    named = ", ".join(f"{v.label} about {human_size(v.memory)}" for v in too_big)
+    others = sorted({v.format for v in run.variants} - {v.format for v in too_big})
+    raise ResourceError(
+        f"not enough memory for this run: building {named.replace(' about', ' needs about', 1)} at its peak, "
+        f"{human_size(available)} is available (estimated for {run.shape.describe()}; `hubquant plan` shows "
+        "every variant's figures)",
+        hint=f"run it on a machine with at least {human_size(max(v.memory for v in too_big))} free "
+        "(in the publish workflow: a larger runner from the recipe's `runners`), "
+        + (f"build only {', '.join(others)} here (--format), " if others else "")
+        + f"or set {SKIP_MEMORY_ENV}=1 to try anyway",
+    )
+
+
+def choose_runner(estimate: VariantEstimate | RunEstimate, runners: Mapping[str, RunnerSpec], source_bytes: int) -> str:
+    """The first runner (in the recipe's order, ``default`` first) whose memory and disk hold the job:
+    its largest variant's memory, and the downloaded source plus the job's peak disk. None fits: the
+    runner with the most memory (the job will say what it lacks)."""
+    need_disk = source_bytes + estimate.disk
+    ordered = sorted(runners.items(), key=lambda item: item[0] != "default")
+    for _, runner in ordered:
+        if estimate.memory <= runner.memory_gb * 1e9 and need_disk <= runner.disk_gb * 1e9:
+            return runner.label
+    return max(ordered, key=lambda item: (item[1].memory_gb, item[1].disk_gb))[1].label
+
+
+def source_shape(source_id: str, revision: str | None = None) -> Shape:
+    """The shape of a local checkpoint (its headers) or of a Hub model (its safetensors headers, fetched
+    without the weights: a few kB per file).
+
+    Raises:
+        SourceError: the folder is not a usable checkpoint, or the Hub cannot say.
+    """
+    from pathlib import Path
+
+    from hubquant.errors import SourceError
+    from hubquant.source import HUB_ID_PATTERN, resolve_source
+
+    if Path(source_id).exists() or not HUB_ID_PATTERN.match(source_id):
+        return Shape.of_source(resolve_source(source_id))
+    from huggingface_hub import get_safetensors_metadata
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        metadata = get_safetensors_metadata(source_id, revision=revision)
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise SourceError(
+            f"could not read the safetensors headers of {source_id} from the Hub ({type(exc).__name__})",
+            hint="check the model id, the revision and HF_TOKEN for a gated model; or plan from a local copy",
+        ) from None
+    return Shape.from_headers(
+        {name: {"shape": info.shape} for name, info in file.tensors.items()}
+        for file in metadata.files_metadata.values()
+    )

@@ -1,0 +1,116 @@
+"""The resource planner: its estimates against the full-size benchmark runs kept in benchmarks/results,
+the memory preflight of ``quantize`` (refused before any weight is read), and ``plan``'s table and runners."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import plan_vs_measured  # noqa: E402
+
+from hubquant.planner import Shape, choose_runner, estimate_run  # noqa: E402
+from hubquant.recipe import RunnerSpec, VariantSpec  # noqa: E402
+
+import phi_shapes  # noqa: E402
+
+
+def test_estimates_are_within_a_quarter_of_every_full_size_run() -> None:
+    rows = plan_vs_measured.rows()
+    shapes = {row["shape"] for row in rows}
+    assert {"phi-3.5-mini", "phi-4"} <= shapes, f"both shapes are measured: {shapes}"
+    assert {row["format"] for row in rows} == {"gguf", "onnx", "openvino", "mlx"}
+    for row in rows:
+        for key in ("memory", "rss", "disk"):
+            estimated, measured = row[f"{key}_estimated"], row[f"{key}_measured"]
+            assert abs(estimated / measured - 1) <= 0.25, f"{row['shape']} {row['format']} {key}: {row}"
+
+
+def test_the_shape_comes_from_the_headers_alone() -> None:
+    shape = Shape.from_headers(
+        [{name: {"shape": list(dims)} for name, dims in phi_shapes.tensors(phi_shapes.shape_config("phi-4"))}]
+    )
+    assert shape.parameters == 14_659_507_200 and shape.weight_bytes == 2 * shape.parameters
+    assert shape.largest_tensor_bytes == 100352 * 5120 * 2  # the embedding (and the untied LM head)
+
+
+def test_a_job_goes_to_the_first_runner_that_holds_it() -> None:
+    shape = plan_vs_measured.shape("phi-4")
+    runners = {
+        "default": RunnerSpec(label="ubuntu-latest", memory_gb=16, disk_gb=100),
+        "large": RunnerSpec(label="ubuntu-24.04-64gb", memory_gb=64, disk_gb=300),
+    }
+    chosen = {
+        fmt: choose_runner(estimate_run(shape, [VariantSpec(format=fmt, precision=p)]), runners, shape.weight_bytes)
+        for fmt, p in (("gguf", "Q4_K_M"), ("onnx", "int4"), ("mlx", "4bit"))
+    }
+    assert chosen == {"gguf": "ubuntu-latest", "onnx": "ubuntu-latest", "mlx": "ubuntu-latest"}
+    # GitHub's standard runner (14 GB of disk) cannot even hold the 29 GB download.
+    standard = {"default": RunnerSpec(label="ubuntu-latest"), "large": runners["large"]}
+    gguf = estimate_run(shape, [VariantSpec(format="gguf", precision="Q4_K_M")])
+    assert choose_runner(gguf, standard, shape.weight_bytes) == "ubuntu-24.04-64gb"
+
+
+def test_quantize_refuses_a_run_that_cannot_fit_in_memory_before_reading_a_weight(
+    untrained_phi3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hubquant.torch_runner
+    import hubquant.weights
+
+    def never(*args: object) -> bool:
+        raise AssertionError("the weights were read before the memory preflight")
+
+    monkeypatch.setattr(hubquant.torch_runner, "available_memory", lambda: 50_000_000)  # 50 MB "free"
+    monkeypatch.setattr(hubquant.weights, "check_finite", never)
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        "quantize", str(untrained_phi3), "--format", "gguf", "--precision", "Q4_K_M", "--output", str(out)
+    )
+    assert code == 1 and "Traceback" not in err, err
+    assert "not enough memory for this run: building gguf-Q4_K_M needs about" in err, err
+    assert "at its peak, 50.0 MB is available" in err, err
+    assert "HUBQUANT_SKIP_MEMORY_CHECK=1" in err and "runners" in err, err
+    assert not out.exists(), "refused before the output folder (or an MLflow run) exists"
+    # plan says the same, per variant, without refusing
+    code, out_text, err = run_cli("plan", "--source", str(untrained_phi3), "--profile", "mobile")
+    assert code == 0, err
+    assert "50.0 MB memory available" in out_text and "more memory than is available here" in out_text, out_text
+
+
+def test_plan_prints_each_variants_cost_and_runner(untrained_phi3: Path, tmp_path: Path) -> None:
+    code, out, err = run_cli("plan", "--source", str(untrained_phi3), "--profile", "mobile")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"source: {untrained_phi3} (") and "memory available" in lines[0], out
+    rows = [line.split() for line in lines[2:6]]
+    assert [row[1] for row in rows] == ["gguf", "onnx", "openvino", "mlx"], out
+    assert all(row[4] == "MB" and "minutes" in line for row, line in zip(rows, lines[2:6], strict=True)), out
+    assert lines[-1].startswith("run: peak memory"), out
+    # A recipe's runners: the job with the largest estimate goes to the large runner, the others stay.
+    memory = sorted((float(row[3]), row[1], row[2]) for row in rows)
+    (second, *_), (largest, big, _) = memory[-2], memory[-1]
+    assert largest > second, out
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "source": str(untrained_phi3),
+                "variants": [{"format": fmt, "precision": precision} for _, fmt, precision in memory],
+                "runners": {
+                    "default": {"label": "small", "memory_gb": (largest + second) / 2e3},
+                    "large": "big-runner",
+                },
+            }
+        )
+    )
+    code, out, err = run_cli("plan", str(recipe), "--github-matrix")
+    assert code == 0, err
+    chosen = {job["format"]: job["runner"] for job in json.loads(out)["include"]}
+    assert chosen == {fmt: "big-runner" if fmt == big else "small" for _, fmt, _ in memory}, out
