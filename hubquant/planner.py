@@ -261,12 +261,12 @@ def source_shape(source_id: str, revision: str | None = None) -> Shape:
 
     if Path(source_id).exists() or not HUB_ID_PATTERN.match(source_id):
         return Shape.of_source(resolve_source(source_id))
-    from huggingface_hub import get_safetensors_metadata
-    from huggingface_hub.utils import HfHubHTTPError
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, SafetensorsParsingError
 
     try:
-        metadata = get_safetensors_metadata(source_id, revision=revision)
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+        metadata = HfApi().get_safetensors_metadata(source_id, revision=revision)
+    except (HfHubHTTPError, NotASafetensorsRepoError, SafetensorsParsingError, OSError, ValueError) as exc:
         raise SourceError(
             f"could not read the safetensors headers of {source_id} from the Hub ({type(exc).__name__})",
             hint="check the model id, the revision and HF_TOKEN for a gated model; or plan from a local copy",

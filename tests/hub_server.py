@@ -6,7 +6,8 @@ Covered: ``whoami-v2``, repo create (409 with the url when it exists) and delete
 transfer: upload + verify, nothing to upload for objects already stored), the NDJSON ``commit``
 endpoint (regular, LFS and deleted files, ``create_pr``, ``parentCommit``), model info, tree,
 paths-info, ``resolve`` (HEAD and GET, with the ETag/X-Repo-Commit headers ``hf_hub_download``
-reads) and collections. Errors carry the ``X-Error-Code`` headers the client maps to its
+reads, and a ``Range`` answered 206 as ``get_safetensors_metadata`` asks) and collections. Errors
+carry the ``X-Error-Code`` headers the client maps to its
 exception classes. The client must run with Xet disabled (``HF_HUB_DISABLE_XET``): this server
 offers only the basic LFS transfer.
 
@@ -245,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        if not head:
+        if not head and self.command != "HEAD":  # an error answering a HEAD has no body either
             self.wfile.write(body)
 
     def _error(self, status: int, message: str, code: str | None = None) -> None:
@@ -677,6 +678,12 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": commit[0], "ETag": f'"{stored.sha256 if stored.lfs else stored.blob_id}"'}
         if stored.lfs:
             headers.update({"X-Linked-Etag": f'"{stored.sha256}"', "X-Linked-Size": str(stored.size)})
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if ranged and not head:  # get_safetensors_metadata reads a file's header with bytes=0-100000
+            start = int(ranged.group(1))
+            end = min(int(ranged.group(2) or len(data) - 1), len(data) - 1)
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            return self._send(206, raw=data[start : end + 1], headers=headers)
         self._send(200, raw=data, headers=headers, head=head)
 
     def resolve_head(self, repo_id: str, revision: str, path: str, *, query: dict, body: bytes) -> None:

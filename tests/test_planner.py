@@ -114,3 +114,34 @@ def test_plan_prints_each_variants_cost_and_runner(untrained_phi3: Path, tmp_pat
     assert code == 0, err
     chosen = {job["format"]: job["runner"] for job in json.loads(out)["include"]}
     assert chosen == {fmt: "big-runner" if fmt == big else "small" for _, fmt, _ in memory}, out
+
+
+def test_plan_reads_a_hub_models_shape_from_its_headers_alone(untrained_phi3: Path, hub, monkeypatch, tmp_path) -> None:
+    """The publish workflow plans from a Hub id: the safetensors headers come by Range requests, no weights."""
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("HF_TOKEN", hub.add_user("planner"))
+    HfApi().create_repo("planner/tiny")
+    HfApi().upload_folder(repo_id="planner/tiny", folder_path=str(untrained_phi3))
+    from huggingface_hub import constants
+
+    from hubquant.planner import source_shape
+    from hubquant.source import resolve_source
+
+    assert source_shape("planner/tiny") == Shape.of_source(resolve_source(untrained_phi3))
+    assert not list(Path(constants.HF_HUB_CACHE).rglob("*.safetensors")), "headers only: no weights downloaded"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "source": "planner/tiny",
+                "variants": [{"format": "gguf", "precision": "Q8_0"}],
+                "runners": {"default": {"label": "tiny-runner", "memory_gb": 0.001}, "large": "large-runner"},
+            }
+        )
+    )
+    code, out, err = run_cli("plan", str(recipe), "--github-matrix")
+    assert code == 0, err
+    assert [job["runner"] for job in json.loads(out)["include"]] == ["large-runner"]
+    code, _, err = run_cli("plan", "--source", "planner/absent", "--profile", "mobile")
+    assert code == 1 and "could not read the safetensors headers of planner/absent" in err, err
