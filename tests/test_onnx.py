@@ -233,29 +233,6 @@ def test_prequantized_route_matches_direct(
         assert np.array_equal(first.logits(window), second.logits(window))
 
 
-def test_the_builder_reading_the_checkpoint_mapped_writes_the_same_files(untrained_phi3: Path, tmp_path: Path) -> None:
-    """--mapped-weights (hubquant.exporters.onnx_mapped) changes where the builder's input lives, not its output."""
-    import hashlib
-    import subprocess
-
-    from hubquant.child import python_module
-    from hubquant.exporters.onnx import ONNXExporter
-
-    source, exporter = resolve_source(untrained_phi3), ONNXExporter()
-    options = exporter.validate_options({}, precision="int4")
-    checkpoint = tmp_path / "prequantized"
-    prequantize = python_module("hubquant.exporters.onnx_prequant", str(untrained_phi3), str(checkpoint))
-    subprocess.run([*prequantize, "--bits", "4", "--block-size", "32", "--algo", "rtn"], check=True)
-    digests = []
-    for mapped in (False, True):
-        out = tmp_path / f"onnx-{mapped}"
-        command = exporter.builder_command(source, out, "int4", options, tmp_path / "cache", checkpoint, mapped=mapped)
-        assert ("--mapped-weights" in command) is mapped
-        subprocess.run(command, check=True, capture_output=True)
-        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())})
-    assert digests[0] == digests[1] and "model.onnx.data" in digests[0]
-
-
 def test_prequantized_route_refused_where_it_does_not_apply(tiny_phi3: Path, tmp_path: Path) -> None:
     code, _, err = run_cli(
         "quantize",

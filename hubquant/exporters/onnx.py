@@ -188,8 +188,6 @@ class ONNXExporter(Exporter):
         options: dict[str, Any],
         cache: Path,
         input_dir: Path | None = None,
-        *,
-        mapped: bool = False,
     ) -> list[str]:
         """The builder's command line for one variant (exactly what a user would type)."""
         extra: list[str] = []
@@ -206,11 +204,9 @@ class ONNXExporter(Exporter):
                 extra.append("op_types_to_quantize=MatMul/Gather")
         if options.get("shared_embeddings") is not None:
             extra.append(f"shared_embeddings={str(options['shared_embeddings']).lower()}")
-        # Through hubquant._launch: the builder itself, after hubquant's import work-arounds (_compat);
-        # hubquant's own prequantized checkpoint is read through a memory map (onnx_mapped).
+        # Through hubquant._launch: the builder itself, after hubquant's import work-arounds (_compat).
         command = python_module(
             "hubquant._launch",
-            *(["--mapped-weights"] if mapped else []),
             "onnxruntime_genai.models.builder",
             "-i",
             str(input_dir or source.path),
@@ -293,9 +289,8 @@ class ONNXExporter(Exporter):
             )
             job.settings = {"route": "prequantized", "builder_input": "olive"}
         progress(f"onnx {job.options['target']} {job.precision}: building with onnxruntime-genai's builder")
-        cache = shared.work_dir / "cache"
         command = self.builder_command(
-            source, job.folder, job.precision, job.options, cache, builder_in, mapped=key is not None
+            source, job.folder, job.precision, job.options, shared.work_dir / "cache", builder_in
         )
         result = run_child(command, name="onnx builder")
         if result.returncode != 0 or not (job.folder / "genai_config.json").is_file():
