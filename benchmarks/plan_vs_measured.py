@@ -4,7 +4,9 @@
 
 For each shape and format, the newest ``scale-*.json`` report's hubquant run (medians) against the
 estimate for the same variant on the same shape (the shape rebuilt from :mod:`phi_shapes`, as the
-planner would read it from the checkpoint's headers). ``tests/test_planner.py`` requires every
+planner would read it from the checkpoint's headers) and the same machine (its memory caps how much
+of the mapped weights can stay resident). A run stopped by ``--memory-limit-gib`` gives lower bounds:
+its estimate must not be below the memory it had already reached. ``tests/test_planner.py`` requires every
 estimate of peak anonymous memory, peak RSS and peak extra disk to be within 25% of the measurement.
 """
 
@@ -16,6 +18,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from results_table import shape_name  # noqa: E402
 
 from hubquant.planner import GIB, Shape, estimate  # noqa: E402
 from hubquant.recipe import VariantSpec  # noqa: E402
@@ -38,20 +42,20 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def rows(folder: Path = RESULTS) -> list[dict]:
-    """One row per (shape, format) measured through hubquant to the end; the newest report wins."""
-    newest: dict[tuple[str, str], tuple[str, dict]] = {}
+    """One row per (shape, format) measured through hubquant; the newest report wins."""
+    newest: dict[tuple[str, str], tuple[str, dict, float]] = {}
     for path in sorted(folder.glob("scale-*.json")):
         report = json.loads(path.read_text())
-        name = Path(report["model"]).name
+        name = shape_name(report)
         for fmt, summary in report["formats"].items():
             ours = summary.get("hubquant")
-            if ours and "stopped" not in ours and report["date"] > newest.get((name, fmt), ("", {}))[0]:
-                newest[(name, fmt)] = (report["date"], ours)
+            if ours and report["date"] > newest.get((name, fmt), ("", {}))[0]:
+                newest[(name, fmt)] = (report["date"], ours, report["machine"]["memory_gib"])
     found = []
-    for (name, fmt), (_, ours) in sorted(newest.items()):
+    for (name, fmt), (_, ours, memory_gib) in sorted(newest.items()):
         precision, options = VARIANTS[fmt]
         spec = VariantSpec(format=fmt, precision=precision, options=dict(map(_option, options))).resolved()
-        guess = estimate(shape(name), spec, cores=2)
+        guess = estimate(shape(name), spec, cores=2, memory_total=int(memory_gib * GIB))
         found.append(
             {
                 "shape": name,
@@ -64,6 +68,7 @@ def rows(folder: Path = RESULTS) -> list[dict]:
                 "disk_measured": ours["peak_extra_disk_gb"],
                 "seconds_estimated": guess.seconds,
                 "seconds_measured": ours["wall_s"],
+                "stopped": "stopped" in ours,  # its figures are peaks until it was stopped: lower bounds
             }
         )
     return found
@@ -78,8 +83,10 @@ def table(found: list[dict]) -> str:
     for r in found:
         pairs = [(r[f"{k}_estimated"], r[f"{k}_measured"], d) for k, d in (("memory", 2), ("rss", 2), ("disk", 2))]
         pairs.append((r["seconds_estimated"], r["seconds_measured"], 0))
-        cells = [f"{est:.{d}f} / {got:.{d}f} ({est / got:.2f}×)" for est, got, d in pairs]
-        lines.append(f"| {r['shape']} | {r['format']} | " + " | ".join(cells) + " |")
+        at_least = "≥ " if r["stopped"] else ""
+        cells = [f"{est:.{d}f} / {at_least}{got:.{d}f} ({est / got:.2f}×)" for est, got, d in pairs]
+        name = f"{r['format']} (stopped)" if r["stopped"] else r["format"]
+        lines.append(f"| {r['shape']} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -30,6 +30,12 @@ ROWS = {
 }
 
 
+def shape_name(report: dict) -> str:
+    """The shape a report measured: its ``shape`` when it names one (a view of a shape's weights with another
+    tokenizer, e.g. ``phi-4-sp``), else the model folder's name."""
+    return report.get("shape") or Path(report["model"]).name
+
+
 def reports(folder: Path = RESULTS) -> dict[tuple[str, str], tuple[dict, dict]]:
     """(shape, format) → (its summary, the report it comes from), the newest report per shape and format."""
     found: dict[tuple[str, str], tuple[dict, dict]] = {}
@@ -37,7 +43,7 @@ def reports(folder: Path = RESULTS) -> dict[tuple[str, str], tuple[dict, dict]]:
         report = json.loads(path.read_text())
         report["file"] = path.name
         for fmt, summary in report.get("formats", {}).items():
-            key = (Path(report["model"]).name, fmt)
+            key = (shape_name(report), fmt)
             if key not in found or report["date"] > found[key][1]["date"]:
                 found[key] = (summary, report)
     return found

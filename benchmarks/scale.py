@@ -754,12 +754,14 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="kill a run whose anonymous memory passes this, and report its peak until then (default: no limit)",
     )
+    parser.add_argument("--shape", help="the phi_shapes shape MODEL has, when its folder is named otherwise")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary folder)")
     parser.add_argument("--report", type=Path, default=Path("bench-scale"), help="writes REPORT.json and REPORT.md")
     args = parser.parse_args(argv)
     params = json.loads((args.model / "config.json").read_text())
     report = {
         "model": str(args.model),
+        **({"shape": args.shape} if args.shape else {}),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": shlex.join(["python", "benchmarks/scale.py", *(sys.argv[1:] if argv is None else argv)]),
         "repeat": args.repeat,

@@ -26,8 +26,13 @@ def test_estimates_are_within_a_quarter_of_every_full_size_run() -> None:
     rows = plan_vs_measured.rows()
     shapes = {row["shape"] for row in rows}
     assert {"phi-3.5-mini", "phi-4"} <= shapes, f"both shapes are measured: {shapes}"
-    assert {row["format"] for row in rows} == {"gguf", "onnx", "openvino", "mlx"}
+    finished = {(row["shape"], row["format"]) for row in rows if not row["stopped"]}
+    assert {fmt for _, fmt in finished} == {"gguf", "onnx", "openvino", "mlx"}
+    assert {fmt for shape, fmt in finished if shape == "phi-4"} >= {"gguf", "openvino", "mlx"}
     for row in rows:
+        if row["stopped"]:  # measured until it was stopped: the estimate must be at least that
+            assert row["memory_estimated"] >= row["memory_measured"], row
+            continue
         for key in ("memory", "rss", "disk"):
             estimated, measured = row[f"{key}_estimated"], row[f"{key}_measured"]
             assert abs(estimated / measured - 1) <= 0.25, f"{row['shape']} {row['format']} {key}: {row}"
@@ -49,9 +54,15 @@ def test_a_job_goes_to_the_first_runner_that_holds_it() -> None:
     }
     chosen = {
         fmt: choose_runner(estimate_run(shape, [VariantSpec(format=fmt, precision=p)]), runners, shape.weight_bytes)
-        for fmt, p in (("gguf", "Q4_K_M"), ("onnx", "int4"), ("mlx", "4bit"))
+        for fmt, p in (("gguf", "Q4_K_M"), ("onnx", "int4"), ("openvino", "int4"), ("mlx", "4bit"))
     }
-    assert chosen == {"gguf": "ubuntu-latest", "onnx": "ubuntu-latest", "mlx": "ubuntu-latest"}
+    # Measured at this shape: GGUF 3.1, MLX 7.4, OpenVINO 7.8 GiB anonymous; ONNX's builder passed 20 GiB.
+    assert chosen == {
+        "gguf": "ubuntu-latest",
+        "onnx": "ubuntu-24.04-64gb",
+        "openvino": "ubuntu-latest",
+        "mlx": "ubuntu-latest",
+    }
     # GitHub's standard runner (14 GB of disk) cannot even hold the 29 GB download.
     standard = {"default": RunnerSpec(label="ubuntu-latest"), "large": runners["large"]}
     gguf = estimate_run(shape, [VariantSpec(format="gguf", precision="Q4_K_M")])
@@ -91,10 +102,9 @@ def test_plan_prints_each_variants_cost_and_runner(untrained_phi3: Path, tmp_pat
     assert lines[0].startswith(f"source: {untrained_phi3} (") and "memory available" in lines[0], out
     rows = [line.split() for line in lines[2:6]]
     assert [row[1] for row in rows] == ["gguf", "onnx", "openvino", "mlx"], out
-    assert all(row[4] == "MB" and "minutes" in line for row, line in zip(rows, lines[2:6], strict=True)), out
-    assert lines[-1].startswith("run: peak memory"), out
+    assert all("minutes" in line for line in lines[2:6]) and lines[-1].startswith("run: peak memory"), out
     # A recipe's runners: the job with the largest estimate goes to the large runner, the others stay.
-    memory = sorted((float(row[3]), row[1], row[2]) for row in rows)
+    memory = sorted((float(row[3]) * {"MB": 1, "GB": 1000}[row[4]], row[1], row[2]) for row in rows)
     (second, *_), (largest, big, _) = memory[-2], memory[-1]
     assert largest > second, out
     recipe = tmp_path / "recipe.yaml"
