@@ -65,16 +65,12 @@ class Shape:
     @classmethod
     def from_headers(cls, headers: Iterable[Mapping[str, Any]]) -> Shape:
         """From safetensors headers (``{name: {"shape": [...], ...}}``), every tensor counted at 16 bits."""
+        from hubquant.source import header_tensors
+
         parameters = largest = 0
-        for header in headers:
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                numel = 1
-                for dim in info.get("shape", []):
-                    numel *= int(dim)
-                parameters += numel
-                largest = max(largest, numel)
+        for _, numel in header_tensors(headers):
+            parameters += numel
+            largest = max(largest, numel)
         return cls(parameters=parameters, weight_bytes=2 * parameters, largest_tensor_bytes=2 * largest)
 
     @classmethod

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,19 +331,21 @@ def _weight_paths(folder: Path) -> list[Path]:
     return [folder / name for name in wanted]
 
 
+def header_tensors(headers: Iterable[Mapping[str, Any]]) -> Iterator[tuple[Mapping[str, Any], int]]:
+    """Every tensor of some safetensors headers (``__metadata__`` skipped) with its number of elements."""
+    for header in headers:
+        for name, info in header.items():
+            if name != "__metadata__":
+                yield info, math.prod(int(dim) for dim in info.get("shape", []))
+
+
 def _count(headers: dict[str, dict[str, Any]]) -> tuple[int, str | None]:
     """Parameter count and the dtype most weights are stored in, from the safetensors headers."""
     count = 0
     dtypes: Counter[str] = Counter()
-    for header in headers.values():
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            numel = 1
-            for dim in info.get("shape", []):
-                numel *= int(dim)
-            count += numel
-            dtypes[_SAFETENSORS_DTYPES.get(info.get("dtype", ""), str(info.get("dtype")).lower())] += numel
+    for info, numel in header_tensors(headers.values()):
+        count += numel
+        dtypes[_SAFETENSORS_DTYPES.get(info.get("dtype", ""), str(info.get("dtype")).lower())] += numel
     return count, dtypes.most_common(1)[0][0] if dtypes else None
 
 
