@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 GIB = 2**30
 SKIP_MEMORY_ENV = "HUBQUANT_SKIP_MEMORY_CHECK"
+#: Headroom the preflight keeps above a variant's estimate (a share of it).
+MEMORY_MARGIN = 0.1
 #: Cores of the machine the seconds were measured on (benchmarks/results: 2 cores).
 MEASURED_CORES = 2
 #: Time classes, by estimated wall seconds (upper bounds).
@@ -230,14 +232,16 @@ def estimate_run(shape: Shape, specs: list[VariantSpec], *, cores: int | None = 
 
 
 def check_memory(run: RunEstimate, available: int | None) -> None:
-    """Refuse a run with a variant whose anonymous memory exceeds ``available`` (bytes; None: unknown).
+    """Refuse a run with a variant whose anonymous memory, with :data:`MEMORY_MARGIN` on top, exceeds
+    ``available`` (bytes; None: unknown): the estimates are fitted within 10%, and a run that reaches
+    the last free page meets the OOM killer, not a clean error.
 
     Raises:
         ResourceError: naming the variants that cannot fit, their estimate and what is available.
     """
     if available is None or os.environ.get(SKIP_MEMORY_ENV) == "1":
         return
-    too_big = [v for v in run.variants if v.memory > available]
+    too_big = [v for v in run.variants if v.memory * (1 + MEMORY_MARGIN) > available]
     if not too_big:
         return
     named = ", ".join(f"{v.label} about {human_size(v.memory)}" for v in too_big)
@@ -246,8 +250,9 @@ def check_memory(run: RunEstimate, available: int | None) -> None:
         f"not enough memory for this run: building {named.replace(' about', ' needs about', 1)} at its peak, "
         f"{human_size(available)} is available (estimated for {run.shape.describe()}; `hubquant plan` shows "
         "every variant's figures)",
-        hint=f"run it on a machine with at least {human_size(max(v.memory for v in too_big))} free "
-        "(in the publish workflow: a larger runner from the recipe's `runners`), "
+        hint=f"run it on a machine with at least {human_size(max(v.memory for v in too_big) * (1 + MEMORY_MARGIN))} "
+        "available (the estimate plus a 10% margin; in the publish workflow, a larger runner from the recipe's "
+        "`runners`), "
         + (f"build only {', '.join(others)} here (--format), " if others else "")
         + f"or set {SKIP_MEMORY_ENV}=1 to try anyway",
     )
@@ -255,12 +260,13 @@ def check_memory(run: RunEstimate, available: int | None) -> None:
 
 def choose_runner(estimate: VariantEstimate | RunEstimate, runners: Mapping[str, RunnerSpec], source_bytes: int) -> str:
     """The first runner (in the recipe's order, ``default`` first) whose memory and disk hold the job:
-    its largest variant's memory, and the downloaded source plus the job's peak disk. None fits: the
+    its largest variant's memory (with :data:`MEMORY_MARGIN`), and the downloaded source plus the job's
+    peak disk. None fits: the
     runner with the most memory (the job will say what it lacks)."""
     need_disk = source_bytes + estimate.disk
     ordered = sorted(runners.items(), key=lambda item: item[0] != "default")
     for _, runner in ordered:
-        if estimate.memory <= runner.memory_gb * 1e9 and need_disk <= runner.disk_gb * 1e9:
+        if estimate.memory * (1 + MEMORY_MARGIN) <= runner.memory_gb * 1e9 and need_disk <= runner.disk_gb * 1e9:
             return runner.label
     return max(ordered, key=lambda item: (item[1].memory_gb, item[1].disk_gb))[1].label
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import plan_vs_measured  # noqa: E402
 
-from hubquant.planner import Shape, choose_runner, estimate_run  # noqa: E402
+from hubquant.planner import ResourceError, Shape, check_memory, choose_runner, estimate_run  # noqa: E402
 from hubquant.recipe import RunnerSpec, VariantSpec  # noqa: E402
 
 import phi_shapes  # noqa: E402
@@ -63,6 +63,14 @@ def test_a_job_goes_to_the_first_runner_that_holds_it() -> None:
         "openvino": "ubuntu-latest",
         "mlx": "ubuntu-latest",
     }
+    # On this 24 GiB machine (22.7 GiB available): ONNX is refused up front, the other three were built.
+    for fmt, precision in (("gguf", "Q4_K_M"), ("onnx", "int4"), ("openvino", "int4"), ("mlx", "4bit")):
+        run = estimate_run(shape, [VariantSpec(format=fmt, precision=precision)])
+        if fmt == "onnx":
+            with pytest.raises(ResourceError, match="building onnx-int4 needs about"):
+                check_memory(run, 24_410_000_000)
+        else:
+            check_memory(run, 24_410_000_000)
     # GitHub's standard runner (14 GB of disk) cannot even hold the 29 GB download.
     standard = {"default": RunnerSpec(label="ubuntu-latest"), "large": runners["large"]}
     gguf = estimate_run(shape, [VariantSpec(format="gguf", precision="Q4_K_M")])

@@ -254,9 +254,10 @@ def _print_plan(recipe: Any) -> None:
     import shutil
 
     from hubquant.artifact import existing_parent
-    from hubquant.planner import estimate, estimate_run, source_shape
+    from hubquant.planner import MEMORY_MARGIN, estimate, estimate_run, source_shape
     from hubquant.torch_runner import available_memory
 
+    margin = 1 + MEMORY_MARGIN
     shape = source_shape(recipe.source, recipe.revision)
     free_memory = available_memory()
     free_disk = shutil.disk_usage(existing_parent(Path(recipe.scratch or recipe.output))).free
@@ -271,7 +272,7 @@ def _print_plan(recipe: Any) -> None:
         if found is None:
             click.echo(f"{index:>3}  {spec.format:<9} {spec.precision:<10} {'(no measured figures)':>34}  {options}")
             continue
-        over = "  ← more memory than is available here" if free_memory and found.memory > free_memory else ""
+        over = "  ← more memory than is available here" if free_memory and found.memory * margin > free_memory else ""
         click.echo(
             f"{index:>3}  {spec.format:<9} {spec.precision:<10} {human_size(found.memory):>10} "
             f"{human_size(found.rss):>12} {human_size(found.disk):>10}  {found.time_class}  {options}{over}"
