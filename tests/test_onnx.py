@@ -250,3 +250,41 @@ def test_prequantized_route_refused_where_it_does_not_apply(tiny_phi3: Path, tmp
         "--no-track",
     )
     assert code == 1 and "prequantized ONNX route does not apply" in err and "MLAS" in err and "Traceback" not in err
+
+
+def test_builder_skips_its_quantizer_pass_when_every_matmul_is_prequantized(tiny_phi3: Path, tmp_path: Path) -> None:
+    """With the LM head prequantized too, the builder's whole-graph quantizer pass (a second copy of every
+    weight) has nothing left to do: hubquant's launcher skips it, and the saved model is the one the
+    builder's own pass writes — the same weight file byte for byte, the same nodes."""
+    import os
+    import subprocess
+
+    import onnx
+
+    from hubquant.child import python_module
+    from hubquant.exporters.onnx_prequant import write_prequantized
+
+    summary = write_prequantized(
+        tiny_phi3, tmp_path / "pre", bits=4, block_size=32, symmetric=True, algo="rtn", lm_head=True, log=print
+    )
+    assert summary["lm_head"] and summary["tensors_quantized"] == 9  # 2 layers × 4 projections + the LM head
+    logs, graphs = {}, {}
+    for name, switch in (("lean", "0"), ("full", "1")):
+        out = tmp_path / name
+        command = python_module(
+            "hubquant._launch", "onnxruntime_genai.models.builder", "-i", str(tmp_path / "pre"), "-o", str(out)
+        )
+        command += ["-p", "int4", "-e", "cpu", "-c", str(tmp_path / f"cache-{name}"), "--extra_options"]
+        command += ["block_size=32", "algo_config=rtn", "is_symmetric=true", "accuracy_level=4"]
+        env = {**os.environ, "HUBQUANT_ONNX_FULL_PASS": switch}
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        logs[name] = result.stdout + result.stderr
+        graphs[name] = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert "skipping the builder's whole-graph quantizer pass" in logs["lean"]
+    assert "skipping" not in logs["full"] and "quantization of model with RTN" in logs["full"]
+    assert (tmp_path / "lean" / "model.onnx.data").read_bytes() == (tmp_path / "full" / "model.onnx.data").read_bytes()
+    for field in ("node", "initializer", "input", "output", "value_info"):  # the same graph, maybe sorted otherwise
+        lean, full = (sorted(p.SerializeToString() for p in getattr(graphs[k], field)) for k in ("lean", "full"))
+        assert lean == full, field
+    assert sum(n.op_type == "MatMulNBits" for n in graphs["lean"].node) == 11  # 2 × (qkv, o, gate, up, down) + head

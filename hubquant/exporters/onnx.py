@@ -243,7 +243,15 @@ class ONNXExporter(Exporter):
         if reason:
             return None
         bits = 4 if job.precision == "int4" else 8
-        return f"int{bits}-{job.options['block_size']}-{job.options['symmetric']}-{job.options['algo']}"
+        head = "-head" if self.prequantize_lm_head(job.options) else ""
+        return f"int{bits}-{job.options['block_size']}-{job.options['symmetric']}-{job.options['algo']}{head}"
+
+    @staticmethod
+    def prequantize_lm_head(options: dict[str, Any]) -> bool:
+        """Whether the prequantized checkpoint carries the LM head quantized too: always when it is to be
+        quantized, except with shared embeddings, which the builder ties only as both float or both
+        quantized by itself."""
+        return bool(options["quantize_lm_head"]) and not options.get("shared_embeddings")
 
     def prequantize(self, source: "SourceModel", job: ExportJob, target: Path) -> Path:
         """Write the prequantized checkpoint for ``job`` into ``target`` (in a child process)."""
@@ -259,6 +267,8 @@ class ONNXExporter(Exporter):
         ]
         if not job.options["symmetric"]:
             args.append("--asymmetric")
+        if self.prequantize_lm_head(job.options):
+            args.append("--lm-head")
         result = run_child(python_module("hubquant.exporters.onnx_prequant", *args), name="onnx prequantize")
         if result.returncode != 0:
             raise ExportError(

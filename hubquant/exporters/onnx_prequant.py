@@ -9,10 +9,13 @@ the packed weights. This module writes such a checkpoint one tensor at a time, q
 decoder weight with the *same functions* the builder's own RTN/k-quant path calls
 (``onnxruntime.quantization.neural_compressor.weight_only.quant_tensor`` and
 ``make_matmul_weight_only_node``), so the MatMulNBits weights and scales come out byte-identical
-to the builder's direct route, and so do the logits (tested); the LM head and embeddings stay as
-they are and the builder quantizes them exactly as before. The projections are written unfused
-(the builder fuses q/k/v again), and symmetric q/k/v carry MatMulNBits' implied zero point
-explicitly, because the builder's olive reader needs zero points to fuse them.
+to the builder's direct route, and so do the logits (tested). With ``--lm-head`` a model's own LM
+head is prequantized the same way (a tied one stays the builder's): then nothing is left for the
+builder's whole-graph quantizer pass, which :mod:`hubquant.exporters.onnx_lean` skips, and the
+builder never holds its graph twice. The
+projections are written unfused (the builder fuses q/k/v again), and symmetric q/k/v carry
+MatMulNBits' implied zero point explicitly, because the builder's olive reader needs zero points to
+fuse them.
 
 Run as a child process (``python -m hubquant.exporters.onnx_prequant SRC OUT …``) so its
 per-tensor buffers leave with it; it never imports torch.
@@ -40,6 +43,7 @@ from hubquant.safetensors_io import StreamingWriter, checkpoint_files, read_floa
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))\.weight$")
 ARCHITECTURES = ("Phi3ForCausalLM",)
 ALGOS = ("rtn", "k_quant")
+LM_HEAD = "lm_head.weight"
 SKIP_FILES = {"config.json"}
 
 
@@ -196,6 +200,26 @@ class _Settings:
     algo: str
     zeros: bool
     config: dict[str, Any]
+    #: ``lm_head.weight`` when the LM head is quantized here too
+    lm_head: str | None = None
+
+    def targets(self, name: str) -> list[str | None]:
+        """What one source tensor is written as: ``None`` for itself unchanged, else the name of the
+        weight it is quantized as."""
+        return [name] if LINEAR.match(name) or name == self.lm_head else [None]
+
+
+def lm_head_source(source: Path, config: dict[str, Any]) -> str | None:
+    """``lm_head.weight`` when the checkpoint has its own LM head, else None.
+
+    A model that ties its embeddings keeps the builder's own LM head quantization: given a quantized
+    LM head, the builder ties the embedding lookup to it (``GatherBlockQuantized``) and cannot read
+    the olive layout's scales for that.
+    """
+    if config.get("tie_word_embeddings"):
+        return None
+    names = {entry.name for path in checkpoint_files(source) for entry in read_header(path)[0]}
+    return LM_HEAD if LM_HEAD in names else None
 
 
 def _quantize_entry(path: Path, entry: Any, settings: _Settings) -> Any:
@@ -208,15 +232,15 @@ def _quantize_entry(path: Path, entry: Any, settings: _Settings) -> Any:
     )
 
 
-def _drain(writer: StreamingWriter, pending: list[tuple[Any, Future | bytes]], limit: int, settings: _Settings) -> None:
+def _drain(writer: StreamingWriter, pending: list[tuple[str, Future | bytes]], limit: int, settings: _Settings) -> None:
     """Write finished tensors in file order until at most ``limit`` are still pending."""
     while len(pending) > limit:
-        entry, job = pending.pop(0)
+        name, job = pending.pop(0)
         if isinstance(job, bytes):
-            writer.write(entry.name, job)
+            writer.write(name, job)
             continue
         qweight, scales, qzeros = job.result()
-        for base, first, end in _row_split(entry.name, qweight.shape[0], settings.config):
+        for base, first, end in _row_split(name, qweight.shape[0], settings.config):
             writer.write(f"{base}.qweight", qweight[first:end])
             writer.write(f"{base}.scales", scales[first:end])
             if _needs_zeros(base, settings.zeros):
@@ -233,36 +257,48 @@ def _write_shard(pool: ThreadPoolExecutor, path: Path, output: Path, settings: _
     entries, _ = read_header(path)
     layout: list[tuple[str, str, tuple[int, ...]]] = []
     for entry in entries:
-        if LINEAR.match(entry.name):
-            layout += _quantized_layout(
-                entry.name,
-                entry.shape,
-                settings.config,
-                bits=settings.bits,
-                block_size=settings.block_size,
-                zeros=settings.zeros,
-            )
-        else:
-            layout.append((entry.name, entry.dtype, entry.shape))
+        for target in settings.targets(entry.name):
+            if target is None:
+                layout.append((entry.name, entry.dtype, entry.shape))
+            else:
+                layout += _quantized_layout(
+                    target,
+                    entry.shape,
+                    settings.config,
+                    bits=settings.bits,
+                    block_size=settings.block_size,
+                    zeros=settings.zeros,
+                )
     writer = StreamingWriter(output / path.name, layout, {"format": "pt"})
-    pending: list[tuple[Any, Future | bytes]] = []
+    pending: list[tuple[str, Future | bytes]] = []
     quantized = 0
     for entry in entries:
-        if LINEAR.match(entry.name):
-            pending.append((entry, pool.submit(_quantize_entry, path, entry, settings)))
-            quantized += 1
-        else:
-            pending.append((entry, read_raw(path, entry)))
-        _drain(writer, pending, workers, settings)
+        for target in settings.targets(entry.name):
+            if target is None:
+                pending.append((entry.name, read_raw(path, entry)))
+            else:
+                pending.append((target, pool.submit(_quantize_entry, path, entry, settings)))
+                quantized += 1
+            _drain(writer, pending, workers, settings)
     _drain(writer, pending, 0, settings)
     writer.close()
     return quantized
 
 
 def write_prequantized(
-    source: Path, output: Path, *, bits: int, block_size: int, symmetric: bool, algo: str, workers: int = 0, log=print
+    source: Path,
+    output: Path,
+    *,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    algo: str,
+    lm_head: bool = False,
+    workers: int = 0,
+    log=print,
 ) -> dict[str, Any]:
-    """Write the olive-format checkpoint of ``source`` into ``output`` (an empty or new folder)."""
+    """Write the olive-format checkpoint of ``source`` into ``output`` (an empty or new folder); with
+    ``lm_head``, the LM head is quantized too."""
     checkpoint("onnx-prequantizing")
     output.mkdir(parents=True, exist_ok=True)
     config = json.loads((source / "config.json").read_text())
@@ -274,6 +310,7 @@ def write_prequantized(
         algo=algo,
         zeros=not symmetric or algo == "k_quant",
         config=config,
+        lm_head=lm_head_source(source, config) if lm_head else None,
     )
     workers = workers or min(4, os.cpu_count() or 1)
     started = time.perf_counter()
@@ -292,7 +329,12 @@ def write_prequantized(
         "desc_act": False,
     }
     (output / "config.json").write_text(json.dumps(config, indent=2))
-    return {"tensors_quantized": quantized, "seconds": round(time.perf_counter() - started, 2), "workers": workers}
+    return {
+        "tensors_quantized": quantized,
+        "lm_head": settings.lm_head is not None,
+        "seconds": round(time.perf_counter() - started, 2),
+        "workers": workers,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--asymmetric", action="store_true")
     parser.add_argument("--algo", choices=ALGOS, default="rtn")
+    parser.add_argument("--lm-head", action="store_true", help="quantize the LM head too")
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args(argv)
     summary = write_prequantized(
@@ -312,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         block_size=args.block_size,
         symmetric=not args.asymmetric,
         algo=args.algo,
+        lm_head=args.lm_head,
         workers=args.workers,
         log=lambda line: print(line, file=sys.stderr),
     )
