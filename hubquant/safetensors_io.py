@@ -65,9 +65,17 @@ def read_raw(path: Path, entry: TensorEntry) -> bytes:
         return os.pread(handle.fileno(), entry.nbytes, entry.start)
 
 
-def read_float32(path: Path, entry: TensorEntry) -> np.ndarray:
-    """One tensor as float32 (bf16 and f16 widen exactly)."""
-    stored = np.frombuffer(read_raw(path, entry), dtype=STORED[entry.dtype]).reshape(entry.shape)
+def read_float32(path: Path, entry: TensorEntry, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """One tensor as float32 (bf16 and f16 widen exactly); with ``rows=(first, end)``, only those rows
+    of its first axis are read."""
+    if rows is None:
+        stored = np.frombuffer(read_raw(path, entry), dtype=STORED[entry.dtype]).reshape(entry.shape)
+    else:
+        first, end = rows
+        row_bytes = entry.nbytes // entry.shape[0]
+        with open(path, "rb") as handle:
+            raw = os.pread(handle.fileno(), (end - first) * row_bytes, entry.start + first * row_bytes)
+        stored = np.frombuffer(raw, dtype=STORED[entry.dtype]).reshape((end - first, *entry.shape[1:]))
     if entry.dtype == "BF16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
     return stored.astype(np.float32)

@@ -288,3 +288,23 @@ def test_builder_skips_its_quantizer_pass_when_every_matmul_is_prequantized(tiny
         lean, full = (sorted(p.SerializeToString() for p in getattr(graphs[k], field)) for k in ("lean", "full"))
         assert lean == full, field
     assert sum(n.op_type == "MatMulNBits" for n in graphs["lean"].node) == 11  # 2 × (qkv, o, gate, up, down) + head
+
+
+@pytest.mark.parametrize("symmetric,algo", [(True, "rtn"), (False, "rtn"), (False, "k_quant")])
+def test_prequantizing_in_row_chunks_gives_the_bytes_of_one_call(symmetric: bool, algo: str, tmp_path: Path) -> None:
+    """A large weight (Phi-4's LM head) is read and quantized a few rows at a time: the same bytes as the
+    whole weight at once, also where a chunk ends mid-way through the rows."""
+    from safetensors.numpy import save_file
+
+    from hubquant.exporters.onnx_prequant import _quantize_entry, _Settings
+    from hubquant.safetensors_io import read_header
+
+    weight = np.random.default_rng(7).standard_normal((45, 128)).astype(np.float16)
+    save_file({"lm_head.weight": weight}, str(tmp_path / "w.safetensors"))
+    (entry,) = read_header(tmp_path / "w.safetensors")[0]
+    settings = _Settings(bits=4, block_size=32, symmetric=symmetric, algo=algo, zeros=not symmetric, config={})
+    whole = _quantize_entry(tmp_path / "w.safetensors", entry, settings, chunk_elements=45 * 128)
+    chunked = _quantize_entry(tmp_path / "w.safetensors", entry, settings, chunk_elements=7 * 128)
+    assert whole[0].shape == (45, 64) and whole[1].shape == (45, 4)
+    for one, parts in zip(whole, chunked, strict=True):
+        assert (one is None and parts is None) or one.tobytes() == parts.tobytes()

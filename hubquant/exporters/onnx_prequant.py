@@ -44,6 +44,8 @@ LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(g
 ARCHITECTURES = ("Phi3ForCausalLM",)
 ALGOS = ("rtn", "k_quant")
 LM_HEAD = "lm_head.weight"
+#: Weights per quantizer call (256 MB as float32): a larger weight is read and quantized in row chunks.
+CHUNK_ELEMENTS = 1 << 26
 SKIP_FILES = {"config.json"}
 
 
@@ -222,14 +224,29 @@ def lm_head_source(source: Path, config: dict[str, Any]) -> str | None:
     return LM_HEAD if LM_HEAD in names else None
 
 
-def _quantize_entry(path: Path, entry: Any, settings: _Settings) -> Any:
-    return quantize(
-        read_float32(path, entry),
-        bits=settings.bits,
-        block_size=settings.block_size,
-        symmetric=settings.symmetric,
-        algo=settings.algo,
-    )
+def _quantize_entry(
+    path: Path, entry: Any, settings: _Settings, chunk_elements: int = CHUNK_ELEMENTS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One weight quantized, read and quantized ``chunk_elements`` weights of rows at a time.
+
+    Quantization blocks run along the input axis, so each output row is quantized on its own: the
+    chunks concatenated are the bytes of the whole weight quantized at once (tested), without the
+    whole weight's float32 copy and the quantizer's temporaries at once (Phi-4's LM head: 2 GB).
+    """
+    rows, columns = entry.shape
+    step = max(1, chunk_elements // columns)
+    parts = [
+        quantize(
+            read_float32(path, entry, rows=(first, min(first + step, rows))),
+            bits=settings.bits,
+            block_size=settings.block_size,
+            symmetric=settings.symmetric,
+            algo=settings.algo,
+        )
+        for first in range(0, rows, step)
+    ]
+    qweight, scales, qzeros = (list(part) for part in zip(*parts, strict=True))
+    return (np.concatenate(qweight), np.concatenate(scales), None if qzeros[0] is None else np.concatenate(qzeros))
 
 
 def _drain(writer: StreamingWriter, pending: list[tuple[str, Future | bytes]], limit: int, settings: _Settings) -> None:
