@@ -12,7 +12,8 @@ read), and over the variant's own size:
 | format | anonymous memory (must fit in RAM) | mapped (RSS on top) | extra disk | wall, 2 cores |
 |---|---|---|---|---|
 | gguf | 0.21 GiB + 3 T (the converter's and the quantizer's buffers) | 0.02 W | F16 file W + O | 28 s/GB |
-| onnx | 0.5 GiB + 2.2 O (the builder's graph, serialised again for its quantizer) | 0.35 W | 0.35 W + O | 13 s/GB |
+| onnx | 0.98 GiB + 2.4 T (the builder's float32 embeddings) | 0.30 W | 0.35 W + O | 15 s/GB |
+| onnx, head left to builder | 0.5 GiB + 2.2 O (its graph, serialised again) | 0.35 W | 0.35 W + O | 13 s/GB |
 | openvino | 0.25 GiB + O (the compressed weights) | W (the export, the IR) | IR W + O | 10 s/GB |
 | mlx | 1.25 GiB + 0.8 O (the quantized model, written shard by shard) | 0.02 W | O | 4.3 s/GB |
 
@@ -22,7 +23,8 @@ capped at its size.
 The coefficients (:data:`COSTS`) are fitted to ``benchmarks/scale.py`` runs at the Phi-3.5-mini (7.6 GB)
 and Phi-4 (29 GB) shapes kept in ``benchmarks/results/``; ``tests/test_planner.py`` recomputes every
 estimate for those shapes and checks it against the measured peaks within 25% (ONNX at Phi-4 passed
-20 GiB and was stopped there: its estimate must be above what it reached). Anonymous memory is
+20 GiB and was stopped there before hubquant prequantized the LM head; that fit is kept for models
+whose LM head the builder quantizes itself: tied embeddings). Anonymous memory is
 what decides whether a variant can be built: mapped weights can be dropped and read again (slower).
 ``quantize`` and ``publish`` refuse up front (:func:`check_memory`) a variant whose anonymous memory
 exceeds what the system can give; ``HUBQUANT_SKIP_MEMORY_CHECK=1`` skips that check.
@@ -63,17 +65,25 @@ class Shape:
     parameters: int
     weight_bytes: int
     largest_tensor_bytes: int
+    #: the checkpoint has an LM head of its own (``lm_head.weight``), not the tied embeddings
+    own_lm_head: bool = True
 
     @classmethod
     def from_headers(cls, headers: Iterable[Mapping[str, Any]]) -> Shape:
         """From safetensors headers (``{name: {"shape": [...], ...}}``), every tensor counted at 16 bits."""
         from hubquant.source import header_tensors
 
+        headers = list(headers)
         parameters = largest = 0
         for _, numel in header_tensors(headers):
             parameters += numel
             largest = max(largest, numel)
-        return cls(parameters=parameters, weight_bytes=2 * parameters, largest_tensor_bytes=2 * largest)
+        return cls(
+            parameters=parameters,
+            weight_bytes=2 * parameters,
+            largest_tensor_bytes=2 * largest,
+            own_lm_head=any("lm_head.weight" in header for header in headers),
+        )
 
     @classmethod
     def of_source(cls, source: SourceModel) -> Shape:
@@ -101,10 +111,26 @@ class Cost:
 #: Fitted to benchmarks/results/scale-phi-3.5-mini-*.json and scale-phi-4-*.json (see the module text).
 COSTS: dict[str, Cost] = {
     "gguf": Cost(0.21, 0.0, 2.98, 0.0, 0.02, 28.0, 1.09),
-    "onnx": Cost(0.5, 0.0, 0.0, 2.2, 0.35, 13.0, 1.46),
+    "onnx": Cost(0.98, 0.0, 2.4, 0.0, 0.30, 15.0, 1.46),
     "openvino": Cost(0.25, 0.0, 0.0, 1.0, 1.0, 10.0, 1.08),
     "mlx": Cost(1.25, 0.0, 0.0, 0.8, 0.02, 4.3, 1.13),
 }
+
+
+#: ONNX when the builder's own quantizer pass serialises its whole graph again: the LM head is left for
+#: the builder to quantize (tied to the embeddings, or shared embeddings). Fitted to the runs before
+#: hubquant prequantized the LM head (5.63 GiB at Phi-3.5-mini; Phi-4 passed 20 GiB).
+ONNX_FULL_PASS = Cost(0.5, 0.0, 0.0, 2.2, 0.35, 13.0, 1.46)
+
+
+def onnx_full_pass(shape: Shape, spec: VariantSpec) -> bool:
+    """Whether an ONNX variant's builder runs its whole-graph quantizer pass (see
+    :mod:`hubquant.exporters.onnx_lean`): only when it must quantize the LM head itself."""
+    if spec.format != "onnx" or spec.precision not in ("int4", "int8"):
+        return False
+    options = spec.options or {}
+    head_left = not shape.own_lm_head or bool(options.get("shared_embeddings"))
+    return bool(options.get("quantize_lm_head", True)) and head_left
 
 
 @dataclass(frozen=True)
@@ -164,7 +190,7 @@ def estimate(
     Mapped weights stay resident only as far as the machine's memory (``memory_total``, default
     this machine's) allows: beyond it the kernel drops pages and reads them again, so the RSS
     estimate is capped there (the OpenVINO export of Phi-4's 29 GB held 22 GiB on 24)."""
-    cost = COSTS.get(spec.format)
+    cost = ONNX_FULL_PASS if onnx_full_pass(shape, spec) else COSTS.get(spec.format)
     if cost is None:
         return None
     from hubquant.exporters import get_exporter
