@@ -171,15 +171,20 @@ def output_bytes(weight_bytes: int, fmt: str, precision: str) -> int:
     return int(weight_bytes * bits / 16 * overhead)
 
 
-def physical_memory() -> int | None:
-    """The machine's memory (``MemTotal``), None where /proc/meminfo is absent."""
+def meminfo(field: str) -> int | None:
+    """One ``/proc/meminfo`` figure in bytes (``MemTotal``, ``MemAvailable``), None where it is absent."""
     try:
         for line in open("/proc/meminfo").read().splitlines():  # noqa: SIM115 - a one-shot read
-            if line.startswith("MemTotal:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def physical_memory() -> int | None:
+    """The machine's memory (``MemTotal``), None where /proc/meminfo is absent."""
+    return meminfo("MemTotal")
 
 
 def estimate(
@@ -248,13 +253,29 @@ def build_order(formats: Iterable[str]) -> list[str]:
 def estimate_run(shape: Shape, specs: list[VariantSpec], *, cores: int | None = None) -> RunEstimate:
     """Every variant's estimate and the run's peak disk (formats with the largest intermediates first)."""
     found = [e for e in (estimate(shape, spec, cores=cores) for spec in specs) if e is not None]
-    done = peak = 0
+    groups = []
     for fmt in build_order({e.format for e in found}):
         of_format = [e for e in found if e.format == fmt]
-        outputs = sum(e.output for e in of_format)
-        peak = max(peak, done + outputs + max(e.scratch for e in of_format))
+        groups.append((sum(e.output for e in of_format), max(e.scratch for e in of_format)))
+    return RunEstimate(shape=shape, variants=found, disk=peak_disk(groups).together)
+
+
+@dataclass(frozen=True)
+class DiskPeaks:
+    together: int  # outputs and intermediates on one filesystem
+    outputs: int  # every output (the output folder's peak when intermediates go elsewhere)
+    scratch: int  # the largest intermediate (the scratch folder's peak)
+
+
+def peak_disk(groups: Iterable[tuple[int, int]]) -> DiskPeaks:
+    """The peaks of building formats one after another, given in build order as (their outputs, their
+    largest intermediate): each format's intermediate sits beside every output written before it."""
+    done = together = scratch = 0
+    for outputs, temporary in groups:
+        together = max(together, done + outputs + temporary)
+        scratch = max(scratch, temporary)
         done += outputs
-    return RunEstimate(shape=shape, variants=found, disk=peak)
+    return DiskPeaks(together=together, outputs=done, scratch=scratch)
 
 
 def check_memory(run: RunEstimate, available: int | None) -> None:

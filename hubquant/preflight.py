@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from hubquant.display import human_size
 from hubquant.errors import OutputError
 from hubquant.exporters import get_exporter
-from hubquant.planner import build_order
+from hubquant.planner import build_order, peak_disk
 
 if TYPE_CHECKING:
     from hubquant.exporters.base import Exporter
@@ -81,17 +81,15 @@ def plan_disk(source: SourceModel, specs: list[VariantSpec], output: Path, scrat
         formats.setdefault(spec.format, []).append(spec)
     order = build_order(formats)
     same = scratch is None or os.stat(existing_parent(scratch)).st_dev == os.stat(existing_parent(output)).st_dev
-    done = peak_together = peak_scratch = 0
+    groups = []
     for fmt in order:
         exporter = get_exporter(fmt)()
         outputs = sum(variant_bytes(source, exporter, spec) for spec in formats[fmt])
-        temporary = temporary_bytes(source, exporter)
-        peak_together = max(peak_together, done + outputs + temporary)
-        peak_scratch = max(peak_scratch, temporary)
-        done += outputs
+        groups.append((outputs, temporary_bytes(source, exporter)))
+    peaks = peak_disk(groups)
     if same:
-        return DiskPlan(output_peak=peak_together, scratch_peak=0, same_filesystem=True)
-    return DiskPlan(output_peak=done, scratch_peak=peak_scratch, same_filesystem=False)
+        return DiskPlan(output_peak=peaks.together, scratch_peak=0, same_filesystem=True)
+    return DiskPlan(output_peak=peaks.outputs, scratch_peak=peaks.scratch, same_filesystem=False)
 
 
 def check_disk(source: SourceModel, specs: list[VariantSpec], output: Path, scratch: Path | None) -> DiskPlan | None:

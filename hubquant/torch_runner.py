@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubquant.exporters.base import Runner
@@ -16,13 +15,9 @@ if TYPE_CHECKING:
 
 def available_memory() -> int | None:
     """Bytes the system can still give (``MemAvailable``), None where /proc/meminfo is absent."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    from hubquant.planner import meminfo
+
+    return meminfo("MemAvailable")
 
 
 def reference_weights(source: SourceModel, requested: str = "auto") -> tuple[str, str]:
