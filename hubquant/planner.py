@@ -32,6 +32,7 @@ exceeds what the system can give; ``HUBQUANT_SKIP_MEMORY_CHECK=1`` skips that ch
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -89,7 +90,11 @@ class Shape:
     def of_source(cls, source: SourceModel) -> Shape:
         from hubquant.source import safetensors_header
 
-        return cls.from_headers(safetensors_header(source.path / name) for name in source.weight_files)
+        shape = cls.from_headers(safetensors_header(source.path / name) for name in source.weight_files)
+        if source.config.get("tie_word_embeddings"):
+            # the LM head is the embedding matrix, whatever else the files hold
+            shape = dataclasses.replace(shape, own_lm_head=False)
+        return shape
 
     def describe(self) -> str:
         return f"{count(self.parameters)} parameters, {human_size(self.weight_bytes)} at 16 bits"
@@ -128,9 +133,9 @@ def onnx_full_pass(shape: Shape, spec: VariantSpec) -> bool:
     :mod:`hubquant.exporters.onnx_lean`): only when it must quantize the LM head itself."""
     if spec.format != "onnx" or spec.precision not in ("int4", "int8"):
         return False
-    options = spec.options or {}
-    head_left = not shape.own_lm_head or bool(options.get("shared_embeddings"))
-    return bool(options.get("quantize_lm_head", True)) and head_left
+    from hubquant.exporters.onnx import ONNXExporter
+
+    return ONNXExporter.builder_quantizes_lm_head(dict(spec.options or {}), shape.own_lm_head)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import plan_vs_measured  # noqa: E402
 
+from hubquant.exporters.onnx import ONNXExporter  # noqa: E402
 from hubquant.planner import ResourceError, Shape, check_memory, choose_runner, estimate_run  # noqa: E402
 from hubquant.recipe import RunnerSpec, VariantSpec  # noqa: E402
 
@@ -81,6 +82,13 @@ def test_a_job_goes_to_the_first_runner_that_holds_it() -> None:
     assert run.memory > 20 * 2**30
     with pytest.raises(ResourceError, match="building onnx-int4 needs about"):
         check_memory(run, 24_410_000_000)
+    # The planner asks the exporter's own rule: shared embeddings leave the head to the builder too, and a
+    # head kept in float needs no quantizer pass at all, tied or not.
+    for where, options in ((shape, {"shared_embeddings": True}), (tied, {"quantize_lm_head": False})):
+        spec = VariantSpec(format="onnx", precision="int4", options=options).resolved()
+        expected = ONNXExporter.builder_quantizes_lm_head(dict(spec.options), where.own_lm_head)
+        full_pass = estimate_run(where, [spec]).memory > 20 * 2**30
+        assert full_pass == expected == bool(options.get("shared_embeddings"))
     # GitHub's standard runner (14 GB of disk) cannot even hold the 29 GB download.
     standard = {"default": RunnerSpec(label="ubuntu-latest"), "large": runners["large"]}
     gguf = estimate_run(shape, [VariantSpec(format="gguf", precision="Q4_K_M")])

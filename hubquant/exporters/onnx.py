@@ -251,7 +251,16 @@ class ONNXExporter(Exporter):
         """Whether the prequantized checkpoint carries the LM head quantized too: always when it is to be
         quantized, except with shared embeddings, which the builder ties only as both float or both
         quantized by itself."""
-        return bool(options["quantize_lm_head"]) and not options.get("shared_embeddings")
+        return bool(options.get("quantize_lm_head", True)) and not options.get("shared_embeddings")
+
+    @classmethod
+    def builder_quantizes_lm_head(cls, options: dict[str, Any], own_lm_head: bool) -> bool:
+        """Whether the builder must quantize the LM head itself, which makes it run its whole-graph
+        quantizer pass (see :mod:`hubquant.exporters.onnx_lean`): the head is to be quantized, but the
+        prequantized checkpoint cannot carry it — shared embeddings, or a checkpoint without an LM head
+        of its own (tied embeddings; :func:`hubquant.exporters.onnx_prequant.lm_head_source`)."""
+        wanted = bool(options.get("quantize_lm_head", True))
+        return wanted and not (own_lm_head and cls.prequantize_lm_head(options))
 
     def prequantize(self, source: "SourceModel", job: ExportJob, target: Path) -> Path:
         """Write the prequantized checkpoint for ``job`` into ``target`` (in a child process)."""
