@@ -10,8 +10,9 @@ nothing else.
 
 Stages (the process that reaches each: hubquant's own, or the child named):
 
-- ``gguf-converting``, ``gguf-quantizing`` — llama.cpp's converter and quantizer (in-process);
-  ``llama-quantizing`` — inside ``llama_model_quantize`` itself (its first log line);
+- ``gguf-converting`` — llama.cpp's converter (in-process); ``gguf-quantizing`` — just before the
+  quantizer's child starts; ``llama-quantizing`` — the child inside ``llama_model_quantize`` itself
+  (its first log line);
 - ``onnx-prequantizing`` — the child writing the prequantized checkpoint; ``onnx-building`` — the
   child running onnxruntime-genai's builder;
 - ``openvino-exporting`` — the OpenVINO worker child (export, calibrated NNCF compression);

