@@ -28,8 +28,10 @@ def human_size(size: int | float | None, *, unit: str = " ") -> str:
 
 
 def count(n: int) -> str:
-    """``3.82B``, ``11.2M`` (a parameter count)."""
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    """``3.82B``, ``11.2M``, ``1,216`` (a parameter count; below 100k exactly)."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
 
 
 def fmt(value: Any, spec: str, suffix: str = "") -> str:

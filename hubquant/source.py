@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import SourceError, UnsupportedModelError
+from hubquant.vision import vision_architecture, vision_refusal
 
 #: model_type → the architectures of that type hubquant supports.
 SUPPORTED_MODEL_TYPES: dict[str, tuple[str, ...]] = {
@@ -289,6 +290,8 @@ def _phi_config(folder: Path) -> tuple[dict[str, Any], str, str]:
     config = _read_json(config_path, "config")
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
+    if vision_architecture(config):  # its parts from the headers alone, then what to run instead
+        raise vision_refusal(folder.name, config, (safetensors_header(p) for p in _weight_paths(folder)))
     supported = ", ".join(f"{a} ({t})" for t, archs in SUPPORTED_MODEL_TYPES.items() for a in archs)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(

