@@ -45,31 +45,19 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the tiny models are built: one folder for every worker of a run (pytest-xdist), so each
-    model is trained once per run, not once per worker."""
     keep = os.environ.get("HUBQUANT_TEST_CACHE")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         return Path(keep)
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # the run's folder, above each worker's own
-    store = base / "models"
-    store.mkdir(exist_ok=True)
-    return store
+    return tmp_path_factory.mktemp("models")
 
 
 def _cached_model(store: Path, name: str, **kwargs: object) -> Path:
-    """The model ``name`` in ``store``, built there by the first worker to ask while the others wait on
-    the lock (build_tiny_phi's folder appears only when complete)."""
-    from filelock import FileLock
-
     path = store / name
-    with FileLock(str(store / f".{name}.lock")):
-        if not (path / "config.json").is_file():
-            if path.exists():
-                shutil.rmtree(path)
-            build_tiny_phi(path, **kwargs)  # type: ignore[arg-type]
+    if not (path / "config.json").is_file():
+        if path.exists():
+            shutil.rmtree(path)
+        build_tiny_phi(path, **kwargs)  # type: ignore[arg-type]
     return path
 
 
