@@ -116,7 +116,7 @@ def test_the_quantizer_child_hands_back_llama_cpps_refusal(phi3_variants, tmp_pa
 
     f16 = _gguf_file(next(a for a in phi3_variants.artifacts if a.precision == "F16").path)
     with pytest.raises(ExportError) as refused:
-        quantize_in_child(f16, tmp_path / "x-IQ2_XXS.gguf", "IQ2_XXS")  # needs an importance matrix
+        quantize_in_child(f16, tmp_path / "Phi-3.5-x-IQ2_XXS.gguf", "IQ2_XXS")  # needs an importance matrix
     assert "needs an importance matrix for IQ2_XXS" in refused.value.message
     assert refused.value.hint == "add --option imatrix=true"
     with pytest.raises(ExportError) as failed:
@@ -129,9 +129,10 @@ def test_the_quantizer_child_hands_back_llama_cpps_refusal(phi3_variants, tmp_pa
     from hubquant.exporters.gguf_recipes import TensorTypes
 
     matrix = {"blk.0.attn_qkv.weight": np.ones(256, dtype=np.float32)}
-    written = quantize_in_child(f16, tmp_path / "z.gguf", "Q4_K_M", imatrix=matrix, tensor_types=TensorTypes("Q8_0"))
+    target = tmp_path / "Phi-3.5-z.gguf"  # a dotted name, as real models have
+    written = quantize_in_child(f16, target, "Q4_K_M", imatrix=matrix, tensor_types=TensorTypes("Q8_0"))
     assert _tensor_types(written)["token_embd.weight"] == "Q8_0"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.gguf"], "answer, matrix and types files removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name], "answer, matrix and types files removed"
 
 
 def test_phi4_style_needs_and_accepts_a_pre_tokenizer(tiny_phi4: Path, tmp_path: Path) -> None:

@@ -69,8 +69,8 @@ def quantize(
 
     checkpoint("gguf-quantizing")
     started = time.perf_counter()
-    stem = output.with_name(f".{output.stem}-quantize")
-    answer, matrix, types = (stem.with_suffix(ext) for ext in (".answer.json", ".imatrix.npz", ".types.json"))
+    # named whole: a model name has dots of its own (Phi-3.5-mini), which with_suffix would cut at
+    answer, matrix, types = (output.with_name(f".{output.stem}-quantize.{e}") for e in ("answer", "imatrix", "types"))
     args = [str(intermediate), str(output), precision, str(answer), "--threads", str(threads or os.cpu_count() or 1)]
     try:
         if imatrix:
@@ -85,7 +85,7 @@ def quantize(
         result = run_child(python_module("hubquant.exporters.gguf_quantize", *args), name="llama quantize")
         refusal = json.loads(answer.read_text(encoding="utf-8")) if answer.is_file() else None
     finally:
-        for path in (answer, matrix, types, answer.with_suffix(".tmp")):
+        for path in (answer, matrix, types, answer.with_suffix(".tmp")):  # hand_back's temporary
             path.unlink(missing_ok=True)
     if result.returncode != 0:
         for partial in [output, *output.parent.glob(f"{glob.escape(output.stem)}-*-of-*.gguf")]:
