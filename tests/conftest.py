@@ -4,6 +4,11 @@
   MLflow URI from the environment.
 - The trained tiny models are built once per session (about a minute each on two cores). Set
   HUBQUANT_TEST_CACHE to a folder to keep them between sessions while developing.
+- The reference cache (PyTorch logits per source, text and windows, with each runtime's floor logits
+  beside them) is shared by the whole session, as it is shared by a user's runs: it is keyed by the
+  source's content, and ``test_runs_agree_and_the_reference_is_cached`` pins that a reused reference
+  gives the same figures as a computed one. A test that needs an empty one is marked
+  ``fresh_reference``.
 """
 
 from __future__ import annotations
@@ -27,8 +32,15 @@ def pytest_configure(config: pytest.Config) -> None:
     import transformers.models.auto.modeling_auto  # noqa: F401
 
 
+@pytest.fixture(scope="session")
+def shared_references(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("references")
+
+
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def isolated_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, shared_references: Path
+) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
@@ -37,7 +49,11 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HUBQUANT_CACHE", str(tmp_path / "hubquant-cache"))
+    cache = tmp_path / "hubquant-cache"
+    monkeypatch.setenv("HUBQUANT_CACHE", str(cache))
+    if request.node.get_closest_marker("fresh_reference") is None:
+        cache.mkdir()
+        (cache / "reference").symlink_to(shared_references, target_is_directory=True)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("HUBQUANT_DEBUG", raising=False)
     monkeypatch.chdir(tmp_path)

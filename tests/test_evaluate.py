@@ -79,6 +79,7 @@ def test_metrics_order_and_f16_agreement(variants: list[str], tiny_phi3: Path) -
     assert written["text"]["label"].startswith("hubquant's built-in text")
 
 
+@pytest.mark.fresh_reference
 def test_runs_agree_and_the_reference_is_cached(variants: list[str], tiny_phi3: Path, tmp_path: Path) -> None:
     first = _eval_json(*variants[:2])
     code, out, err = run_cli("eval", *variants[:2], "--context", "256", "--json")
