@@ -16,7 +16,8 @@ The parts come from the tensor names the checkpoints use:
   ``model.embed_tokens_extend.audio_embed.*`` (conformer encoder, projection), ``lora_A``/``lora_B``
   (the vision and speech LoRA adapters on the language model);
 - ``Phi4ForCausalLMV`` (Phi-4 with a SigLIP2 tower, which llama.cpp's converter writes as a language
-  model plus an ``mmproj``): ``vision_tower.*`` and the projector's tensors.
+  model plus an ``mmproj``): ``model.vision_tower.vision_tower.*`` and ``model.mm_projector.{0,2}.*``,
+  the names the converter's ``Phi4VisionMmprojModel`` reads.
 """
 
 from __future__ import annotations

@@ -50,9 +50,12 @@ CHECKPOINTS = {
         {
             "model.embed_tokens.weight": (64, 8),
             "lm_head.weight": (64, 8),
-            "vision_tower.vision_model.embeddings.patch_embedding.weight": (4, 12),
-            "vision_tower.vision_model.embeddings.position_embedding.weight": (16, 4),
-            "multi_modal_projector.linear_1.weight": (8, 4),
+            # The names llama.cpp's Phi4VisionMmprojModel reads: the SigLIP2 tower under
+            # model.vision_tower.vision_tower, a two-layer projector (Linear, GELU, Linear) as mm_projector.
+            "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight": (4, 12),
+            "model.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight": (16, 4),
+            "model.mm_projector.0.weight": (8, 4),
+            "model.mm_projector.2.weight": (8, 8),
         },
     ),
 }
@@ -78,7 +81,7 @@ def test_each_tensor_goes_to_its_part() -> None:
             "audio encoder": 50,
             "audio projector": 40,
         },
-        "Phi4ForCausalLMV": {"language model": 1024, "vision encoder": 48 + 64, "vision projector": 32},
+        "Phi4ForCausalLMV": {"language model": 1024, "vision encoder": 48 + 64, "vision projector": 32 + 64},
     }
     for architecture, (_, tensors) in CHECKPOINTS.items():
         header = {name: {"shape": list(shape)} for name, shape in tensors.items()}
