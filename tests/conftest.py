@@ -39,7 +39,11 @@ def shared_references(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def isolated_env(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, shared_references: Path
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    shared_references: Path,
 ) -> None:
     from huggingface_hub import constants
 
@@ -49,10 +53,10 @@ def isolated_env(
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    cache = tmp_path / "hubquant-cache"
+    # Beside the test's folder, not in it: tests check that their folder holds only what they wrote.
+    cache = tmp_path_factory.mktemp("hubquant-cache")
     monkeypatch.setenv("HUBQUANT_CACHE", str(cache))
     if request.node.get_closest_marker("fresh_reference") is None:
-        cache.mkdir()
         (cache / "reference").symlink_to(shared_references, target_is_directory=True)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("HUBQUANT_DEBUG", raising=False)
