@@ -177,6 +177,37 @@ def _task_results(label: str, evaluation: Evaluation) -> list[Any]:
     ]
 
 
+def image_table(plan: RepoPlan) -> tuple[list[dict[str, str]], str]:
+    """The repo's picture figures (a vision model's variants, one line per projector) and what they compare with."""
+    lines, baseline, prompts = [], "", 0
+    for variant in plan.variants:
+        image = variant.evaluation.image if variant.evaluation else None
+        if image is None:
+            continue
+        baseline, prompts = image.baseline, image.prompts
+        for score in image.scores:
+            lines.append(
+                {
+                    "label": variant.label,
+                    "projector": score.projector,
+                    "kl": display.scientific(score.quant_kl_mean, score.quant_kl_mean_stderr),
+                    "top1": display.percent(score.quant_top1_agreement, score.quant_top1_agreement_stderr),
+                    "effect": display.scientific(score.image_effect_kl, score.image_effect_kl_stderr),
+                    "tokens": str(score.answer_tokens),
+                }
+            )
+    note = (
+        f"Each variant read {prompts} pictures drawn by hubquant, each with a question, and was fed the answer "
+        "token by token; the figures compare its next-token distribution at every answer token. "
+        f"{baseline} (— marks that form itself). *Picture effect*: the KL between the answers given the right "
+        "picture and another one of the set — a quantization KL well below it changes what the model reads in a "
+        "picture much less than the picture itself does. ± one standard error over the answer tokens."
+        if lines
+        else ""
+    )
+    return lines, note
+
+
 def _card_data(plan: RepoPlan, context: CardContext, eval_results: list[Any]) -> Any:
     from huggingface_hub import ModelCardData
 
@@ -190,7 +221,7 @@ def _card_data(plan: RepoPlan, context: CardContext, eval_results: list[Any]) ->
         base_model=context.base_model,
         base_model_relation="quantized" if context.base_model else None,
         library_name=exporter.library_name,
-        pipeline_tag="text-generation",
+        pipeline_tag="image-text-to-text" if source.get("vision_parts") else "text-generation",
         license="other" if custom_license else license_id,
         license_name=(context.license_name or license_id) if custom_license else None,
         license_link=context.license_link if custom_license else None,
@@ -199,6 +230,7 @@ def _card_data(plan: RepoPlan, context: CardContext, eval_results: list[Any]) ->
                 plan.format,
                 exporter.library_name,
                 source.get("model_type") or "phi",
+                *(("vision", "multimodal") if source.get("vision_parts") else ()),
                 "hubquant",
                 "quantized",
                 *(v.precision.lower() for v in plan.variants),
@@ -270,12 +302,19 @@ def _description(plan: RepoPlan, context: CardContext, display_name: str) -> str
     source = context.source
     source_id, is_hub = _source_link(context)
     link = f"[{source_id}](https://huggingface.co/{source_id})" if is_hub else f"`{source.get('name')}`"
+    parts = source.get("vision_parts") or {}
+    vision = (
+        f" It reads pictures: its parts are {', '.join(f'{p} {display.count(n)}' for p, n in parts.items())}; "
+        "the language model is quantized, and the picture encoder ships beside it."
+        if parts
+        else ""
+    )
     return (
         f"{display_name} quantizations ({', '.join(v.precision for v in plan.variants)}) of {link}, "
         f"a {source.get('architecture', 'Phi')} model with {display.count(source.get('parameter_count') or 0)} "
         f"parameters ({source.get('dtype')} weights), built, measured and published by hubquant. Each "
         "variant was measured against the original on the same text with the same tokenization; the table "
-        "below has the figures, each with its standard error."
+        "below has the figures, each with its standard error." + vision
     )
 
 
@@ -313,7 +352,7 @@ def build_card(plan: RepoPlan, context: CardContext) -> ModelCard:
     text_name = sample.text.name if sample else ""
     text_name = "hubquant-eval-text" if text_name == "builtin" else text_name
     eval_results = _eval_results(plan, text_name)
-    tasks = task_table(plan)
+    tasks, images = task_table(plan), image_table(plan)
     tools: dict[str, str] = {}
     for variant in plan.variants:
         tools.update(variant.manifest.tools)
@@ -334,6 +373,8 @@ def build_card(plan: RepoPlan, context: CardContext) -> ModelCard:
         variant_notes=variant_notes(plan),
         task_rows=tasks[0],
         task_note=tasks[1],
+        image_rows=images[0],
+        image_note=images[1],
         device_advice=device_advice([(v.format, v.precision) for v in plan.variants]),
         snippets=exporter.snippets(plan),
         siblings=[

@@ -155,8 +155,12 @@ def run_artifact(job: dict[str, Any]) -> dict[str, Any]:
     rss = _peak_rss_mb()
     scores, forward = _score(runner, windows, job)
     runner.close()
+    from hubquant.image_fidelity import score_images
+
+    image = score_images(artifact, job)
     return {
         **scores,
+        **({"image": image} if image else {}),
         "load_seconds": load,
         "peak_rss_mb": rss,
         **speed,

@@ -37,7 +37,7 @@ from hubquant.eval_worker import run_worker
 from hubquant.fidelity import FloorPlan, fidelity_record, plan_floors
 from hubquant.gate import GateSettings, apply_gate
 from hubquant.recipe import EvalSection
-from hubquant.records import Evaluation, Fidelity, Metrics, SourceFacts, TextFacts, VariantRecord
+from hubquant.records import Evaluation, Fidelity, ImageResults, Metrics, SourceFacts, TextFacts, VariantRecord
 from hubquant.reference import reference
 from hubquant.tasks import TaskSettings
 from hubquant.text import EvalText
@@ -154,7 +154,7 @@ def variant_metrics(
     q_delta, q_kl, q_top1 = _pair(f.get("ppl_change_pct")), _pair(f.get("kl_mean")), _pair(f.get("top1"))
     return Metrics(
         size_bytes=size,
-        bits_per_weight=size * 8 / source.parameter_count,
+        bits_per_weight=size * 8 / source.language_parameters,
         compression_ratio=weight_bytes / size,
         perplexity=ppl,
         perplexity_stderr=ppl_se,
@@ -367,6 +367,7 @@ class Evaluator:
                 weight_bytes=self.weight_bytes,
                 reference_ppl=self.ref_row.metrics.perplexity or 0.0,
             )
+            row.image = self._image(result, artifact, plan if folder is not None else None)
             row.speed_note, row.timing = (
                 result.get("speed_note"),
                 {k: result[k] for k in ("worker_seconds", "forward_seconds") if k in result},
@@ -380,6 +381,20 @@ class Evaluator:
         row.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         write_evaluation(artifact.path, row)
         return row
+
+    def _image(self, result: dict[str, Any], artifact: Artifact, plan: FloorPlan | None) -> ImageResults | None:
+        """A vision variant's picture figures (against its runtime's floor when it has one)."""
+        from hubquant.exporters import get_exporter
+        from hubquant.image_fidelity import image_results
+
+        image = result.get("image")
+        first = next(iter(image["projectors"]), "?") if image else "?"
+        return image_results(
+            image,
+            floor=f"{plan.precision} with the {first} projector" if plan is not None else None,
+            runtime=get_exporter(artifact.format).display_name,
+            architecture=self.source.architecture,
+        )
 
     def score_tasks(self, rows: list[Evaluation], plan: TaskPlan) -> None:
         """Every row's lm-eval task scores (see :mod:`hubquant.tasks`), written to its eval.json."""

@@ -229,6 +229,11 @@ def build_variants(
             key = cache_key(source_fingerprint=source.fingerprint, spec=spec.model_dump(mode="json"), tools=tools)
             if tracker is not None:
                 runs[index] = tracker.variant_run(spec, key=key, name=target.name)
+            refused = exporter.refusal(source)
+            if refused is not None:  # this format cannot carry this source: the variant fails, the others go on
+                say(f"{spec.label}: refused — {refused.message}")
+                outcomes[index] = VariantResult(spec=spec, error=refused)
+                continue
             reused = None if force else reusable_artifact(target, key)
             if reused is not None:
                 say(f"{spec.label}: reusing {target} (inputs unchanged; --force rebuilds)")

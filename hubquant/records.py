@@ -59,6 +59,8 @@ class SourceFacts(_Record):
     dtype: str | None = None
     tokenizer_style: str | None = None
     license: str | None = None
+    #: A vision model's parts and their parameter counts (absent for a text model).
+    vision_parts: dict[str, int] | None = None
 
 
 class Manifest(_Record):
@@ -240,6 +242,40 @@ class TaskResults(_Record):
         return out
 
 
+class ImageScore(_Record):
+    """A vision variant read with one of its projectors (see :mod:`hubquant.image_fidelity`)."""
+
+    #: The projector's type (``F16``, ``Q8_0`` for a GGUF mmproj).
+    projector: str
+    answer_tokens: int = 0
+    #: KL between the answers given the right picture and another one: how much a picture moves the answer.
+    image_effect_kl: float
+    image_effect_kl_stderr: float | None = None
+    #: Against the runtime's unquantized form with its most faithful projector (None: no floor measured).
+    quant_kl_mean: float | None = None
+    quant_kl_mean_stderr: float | None = None
+    quant_top1_agreement: float | None = None
+    quant_top1_agreement_stderr: float | None = None
+
+
+class ImageResults(_Record):
+    """Image-conditioned fidelity of a vision variant: the built-in pictures read with each projector."""
+
+    prompts: int
+    scores: list[ImageScore] = Field(default_factory=list)
+    #: What the figures compare with, in words.
+    baseline: str = ""
+
+    def numbers(self) -> dict[str, float]:
+        """MLflow metrics: ``image.<projector>.<figure>``."""
+        out: dict[str, float] = {}
+        for score in self.scores:
+            for key, value in score.model_dump().items():
+                if key != "projector" and isinstance(value, (int, float)):
+                    out[f"image.{score.projector}.{key}"] = float(value)
+        return out
+
+
 class Evaluation(_Record):
     """One row of a comparison — the reference or a variant — and, for a variant, its ``eval.json``."""
 
@@ -272,8 +308,15 @@ class Evaluation(_Record):
     timing: dict[str, float] = Field(default_factory=dict)
     #: lm-eval task scores (``hubquant eval --tasks``); None when no task was asked for.
     tasks: TaskResults | None = None
+    #: Image-conditioned fidelity of a vision variant (None for a text model).
+    image: ImageResults | None = None
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def numbers(self) -> dict[str, float]:
+        """Every measured figure of the row, as MLflow metrics: the metrics, task and picture scores."""
+        tasks, image = self.tasks.numbers() if self.tasks else {}, self.image.numbers() if self.image else {}
+        return {**self.metrics.numbers(), **tasks, **image}
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> Path:

@@ -1,6 +1,7 @@
 """The source checkpoint: a resolved local folder plus the facts every later stage needs.
 
-Only the Phi family is supported (``phi``, ``phi3``, ``phimoe`` model types). Everything is read
+Only the Phi family is supported (``phi``, ``phi3``, ``phimoe`` model types, and the vision models
+whose language model one format can carry with its picture encoder: see :mod:`hubquant.vision`). Everything is read
 from the files themselves — ``config.json``, the safetensors headers, the tokenizer files, the
 model card — without loading weights, so a bad source fails in milliseconds, before any work.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hubquant.errors import SourceError, UnsupportedModelError
-from hubquant.vision import vision_architecture, vision_refusal
+from hubquant.vision import BUILT_VISION, parts, vision_architecture, vision_refusal
 
 #: model_type → the architectures of that type hubquant supports.
 SUPPORTED_MODEL_TYPES: dict[str, tuple[str, ...]] = {
@@ -89,6 +90,20 @@ class SourceModel:
     license: str | None
     config: dict[str, Any] = field(repr=False, compare=False)
     weight_files: tuple[str, ...] = field(default=(), repr=False)
+    #: A vision model's parts with their parameter counts (None for a text model; see :mod:`hubquant.vision`).
+    vision_parts: dict[str, int] | None = field(default=None, compare=False)
+
+    @property
+    def is_vision(self) -> bool:
+        return self.vision_parts is not None
+
+    @property
+    def language_parameters(self) -> int:
+        """Parameters of the language model alone (all of them for a text model): what a variant's
+        bits per weight divide by, the picture encoder shipping in files of its own."""
+        if self.vision_parts is None:
+            return self.parameter_count
+        return self.vision_parts.get("language model", 0) + self.vision_parts.get("LoRA adapters", 0)
 
     @property
     def name(self) -> str:
@@ -111,6 +126,7 @@ class SourceModel:
             "dtype": self.dtype,
             "tokenizer_style": self.tokenizer_style,
             "license": self.license,
+            **({"vision_parts": self.vision_parts} if self.vision_parts is not None else {}),
         }
 
 
@@ -290,7 +306,10 @@ def _phi_config(folder: Path) -> tuple[dict[str, Any], str, str]:
     config = _read_json(config_path, "config")
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
-    if vision_architecture(config):  # its parts from the headers alone, then what to run instead
+    vision = vision_architecture(config)
+    if vision in BUILT_VISION:  # its language model is a Phi-3 (see hubquant.vision)
+        return config, "phi3", vision
+    if vision:  # its parts from the headers alone, then what to run instead
         raise vision_refusal(folder.name, config, (safetensors_header(p) for p in _weight_paths(folder)))
     supported = ", ".join(f"{a} ({t})" for t, archs in SUPPORTED_MODEL_TYPES.items() for a in archs)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -384,4 +403,5 @@ def resolve_source(source: str | Path, *, revision: str | None = None) -> Source
         license=_licence(folder),
         config=config,
         weight_files=tuple(p.name for p in weight_paths),
+        vision_parts=parts(headers.values()) if architecture in BUILT_VISION else None,
     )

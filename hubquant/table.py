@@ -74,6 +74,7 @@ def render_table(rows: list[Evaluation]) -> str:
     lines.append("KL q: KL vs the runtime's own unquantized output (the quantization alone); RSS in MB")
     lines += floor_lines(rows)
     lines += task_lines(rows)
+    lines += image_lines(rows)
     for row in rows:
         lines += [f"! {row.label}: {warning}" for warning in row.warnings]
         if row.speed_note:
@@ -106,6 +107,28 @@ def task_lines(rows: list[Evaluation]) -> list[str]:
             f"{line['score']:>17} {line['recovery']:>15}"
         )
     return lines
+
+
+def image_lines(rows: list[Evaluation]) -> list[str]:
+    """A vision model's picture figures per variant and projector (nothing for a text model)."""
+    found = [row for row in rows if row.image is not None]
+    if not found:
+        return []
+    first = found[0].image
+    assert first is not None
+    label = min(max(len(row.label) for row in found), _LABEL_MAX)
+    head = f"{'variant':<{label}} {'projector':<9} {'KL q ± se':>19} {'top1 ± se':>15} {'picture effect':>19}"
+    lines = ["", f"pictures: {first.prompts} built-in pictures, KL on the answer tokens", head, "─" * len(head)]
+    for row in found:
+        assert row.image is not None
+        for score in row.image.scores:
+            lines.append(
+                f"{_clip(row.label, label):<{label}} {score.projector:<9} "
+                f"{display.scientific(score.quant_kl_mean, score.quant_kl_mean_stderr):>19} "
+                f"{display.percent(score.quant_top1_agreement, score.quant_top1_agreement_stderr):>15} "
+                f"{display.scientific(score.image_effect_kl, score.image_effect_kl_stderr):>19}"
+            )
+    return [*lines, first.baseline + " (— marks that form itself)"]
 
 
 def _wrap(line: str, width: int = 100) -> list[str]:

@@ -268,7 +268,7 @@ class Tracker:
         floor as ``runtime_*`` metrics and a ``hubquant.runtime_finding`` tag; eval.json and the one-row table."""
         import mlflow
 
-        metrics = {**row.metrics.numbers(), **fidelity_metrics(row), **(row.tasks.numbers() if row.tasks else {})}
+        metrics = {**row.numbers(), **fidelity_metrics(row)}
         model = self._logged_model(run_id, row, model_name)
         tags = {
             "hubquant.gate": "passed" if row.gate.passed else "failed",

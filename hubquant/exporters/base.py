@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from hubquant.errors import MissingDependencyError, RecipeError, RegistryError
+from hubquant.errors import HubquantError, MissingDependencyError, RecipeError, RegistryError
 from hubquant.exporters.jobs import ExportJob, Intermediates
 from hubquant.exporters.runner import Runner, Speed
 
@@ -264,6 +264,27 @@ class Exporter(ABC):
             raise MissingDependencyError(
                 f"the {cls.name} exporter needs {', '.join(missing)}, which is not installed", extra=cls.extra
             )
+
+    #: Vision architectures this format carries with their picture encoder (see :mod:`hubquant.vision`).
+    vision_architectures: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def refusal(cls, source: SourceModel) -> HubquantError | None:
+        """Why this format cannot build the source (a variant then fails with it), or None when it can."""
+        if source.is_vision and source.architecture not in cls.vision_architectures:
+            from hubquant.vision import format_refusal
+
+            return format_refusal(cls.name, source.name, source.architecture)
+        return None
+
+    @classmethod
+    def image_projectors(cls, artifact: Artifact) -> list[str]:
+        """The picture encoders a vision artifact ships, most faithful first (none: it reads no pictures)."""
+        return []
+
+    def image_reader(self, artifact: Artifact, projector: str) -> Any:
+        """What reads a picture and a prompt with one of :meth:`image_projectors` (``answer_logits``, ``close``)."""
+        raise NotImplementedError(f"{self.name} reads no pictures")
 
     @classmethod
     def check_runnable(cls, artifact: Artifact) -> None:

@@ -15,10 +15,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +42,7 @@ from hubquant.exporters.gguf_recipes import (
     recipe_tag,
     tensor_type,
 )
+from hubquant.exporters.gguf_runner import GGUFRunner
 from hubquant.exporters.gguf_tools import (
     CONVERTER_TYPES,
     DEFAULT_SPLIT_MAX_SIZE,
@@ -54,15 +53,13 @@ from hubquant.exporters.gguf_tools import (
     known_pre_tokenizers,
     llama_cpp_build,
     parse_size,
-    route_llama_logs,
     shard_paths,
     tensor_names,
 )
+from hubquant.exporters.gguf_vision import MMPROJ_TYPES, MtmdReader, add_projectors, projectors
 from hubquant.source import PHIMOE_ROUTING_DIFFERS
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from hubquant.artifact import Artifact
     from hubquant.repos import RepoPlan
     from hubquant.source import SourceModel
@@ -132,6 +129,7 @@ class GGUFExporter(Exporter):
     repo_layout = "files"
     floor_bytes_per_parameter = 2.0  # F16, mmapped: 7.5 GB for 3.8B parameters
     plot_marker = "o"
+    vision_architectures = ("Phi4ForCausalLMV",)
 
     @classmethod
     def tool_versions(cls) -> dict[str, str]:
@@ -231,6 +229,10 @@ class GGUFExporter(Exporter):
         )
         # A split model loads from its first shard; llama-cpp-python downloads the others when named.
         extra = f", additional_files={shards[1:]!r}" if len(shards) > 1 else ""
+        mmproj = projectors(first.artifact.files, first.artifact.manifest.settings)
+        if mmproj:  # a vision model: the language model and its projector, with a picture
+            files = " ".join([*shards, next(iter(mmproj.values()))])
+            return VISION_SNIPPETS.format(repo=repo, files=files, file=shards[0], mmproj=next(iter(mmproj.values())))
         return SNIPPETS.format(repo=repo, quant=first.precision, file=first.location, extra=extra)
 
     @staticmethod
@@ -246,6 +248,12 @@ class GGUFExporter(Exporter):
         return sorted(jobs, key=lambda job: job.precision not in CONVERTER_TYPES)
 
     def export_one(self, source: SourceModel, job: ExportJob, *, shared: Intermediates, progress: Progress) -> None:
+        self._export_model(source, job, shared=shared, progress=progress)
+        if source.is_vision:  # the picture encoder beside the language model, as llama.cpp runs them
+            progress(f"gguf {job.precision}: vision projector (mmproj {' and '.join(MMPROJ_TYPES)})")
+            add_projectors(source, job, shared=shared)
+
+    def _export_model(self, source: SourceModel, job: ExportJob, *, shared: Intermediates, progress: Progress) -> None:
         output = job.folder / self.file_name(source, job.precision, job.options)
         if job.precision in CONVERTER_TYPES:
             self._export_converted(source, job, output, shared=shared, progress=progress)
@@ -404,6 +412,15 @@ class GGUFExporter(Exporter):
             )
         return GGUFRunner(artifact.path / first, context_length=context_length)
 
+    @classmethod
+    def image_projectors(cls, artifact: Artifact) -> list[str]:
+        return list(projectors(artifact.files, artifact.manifest.settings))
+
+    def image_reader(self, artifact: Artifact, projector: str) -> MtmdReader:
+        first = first_shard([f.path for f in artifact.model_files])
+        mmproj = projectors(artifact.files, artifact.manifest.settings)[projector]
+        return MtmdReader(artifact.path / str(first), artifact.path / mmproj)
+
 
 SNIPPETS = """llama.cpp:
 
@@ -426,6 +443,21 @@ ollama run hf.co/{repo}:{quant}
 ```"""
 
 
+VISION_SNIPPETS = """llama.cpp reads pictures with the language model and its vision projector (`mmproj`; the
+F16 one is the more faithful, the Q8_0 one the smaller):
+
+```bash
+hf download {repo} {files} --local-dir .
+llama-mtmd-cli -m {file} --mmproj {mmproj} --image picture.png -p "Describe the picture."
+```
+
+An OpenAI-compatible server that takes pictures in its chat messages:
+
+```bash
+llama-server -m {file} --mmproj {mmproj}
+```"""
+
+
 def intermediate_type(source: "SourceModel") -> str:
     """F16 for every source, the intermediate llama.cpp's own instructions use.
 
@@ -435,56 +467,3 @@ def intermediate_type(source: "SourceModel") -> str:
     read saved its cast but cost a second 7.6 GB write: 52.2 s against 52.9 s, at twice the disk.
     """
     return "F16"
-
-
-# -- evaluation runner -------------------------------------------------------------------------
-class GGUFRunner(Runner):
-    """llama-cpp-python with every position's logits kept."""
-
-    def __init__(self, path: Path, *, context_length: int) -> None:
-        from llama_cpp import Llama
-
-        route_llama_logs()
-        self._llama = Llama(
-            model_path=str(path),
-            n_ctx=context_length,
-            n_batch=min(context_length, 512),
-            logits_all=True,
-            verbose=False,
-            n_threads=os.cpu_count() or 1,
-            seed=0,
-        )
-
-    def logits(self, ids: Sequence[int]) -> "np.ndarray":
-        import numpy as np
-
-        self._llama.reset()
-        self._llama.eval(list(ids))
-        return np.array(self._llama.scores[: len(ids)], dtype=np.float32, copy=True)
-
-    def prefill(self, ids: Sequence[int], *, room: int) -> int:
-        self._llama.reset()
-        return self._eval_last(ids)
-
-    def step(self, token: int) -> int:
-        return self._eval_last([token])
-
-    def _eval_last(self, ids: Sequence[int]) -> int:
-        """Evaluate ids asking llama.cpp for the last position's logits only, as generation does.
-
-        The model is loaded with every position's logits kept (for :meth:`logits`); generating with
-        that on would also pay the LM head on every prompt token, which no llama.cpp user pays.
-        """
-        import numpy as np
-
-        llama = self._llama
-        keep_all, llama._logits_all = llama._logits_all, False
-        try:
-            llama.eval(list(ids))
-            last = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),))
-            return int(np.argmax(last))
-        finally:
-            llama._logits_all = keep_all
-
-    def close(self) -> None:
-        self._llama.close()

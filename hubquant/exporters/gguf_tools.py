@@ -127,7 +127,7 @@ def known_pre_tokenizers() -> tuple[str, ...]:
 
 # -- the converter -----------------------------------------------------------------------------
 @contextlib.contextmanager
-def _quiet_converter() -> Iterator[None]:
+def quiet_converter() -> Iterator[None]:
     logger = logging.getLogger("hf-to-gguf")
     previous = logger.level
     logger.setLevel(logging.ERROR)
@@ -215,7 +215,7 @@ def convert(
             model_class = _converter_class(source, precision, pre_tokenizer)
             ftype = getattr(gguf.LlamaFileType, CONVERTER_TYPES[precision])
             # inference mode, as the converter's own main() runs it (no autograd bookkeeping per op)
-            with _quiet_converter(), torch.inference_mode():
+            with quiet_converter(), torch.inference_mode():
                 model = model_class(
                     source.path,
                     ftype,
@@ -315,6 +315,12 @@ def route_llama_logs() -> None:
 
     _LOG_CALLBACK = _callback
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+def log_callback() -> Any:
+    """The callback :func:`route_llama_logs` installed (for libraries that take their own, like mtmd)."""
+    route_llama_logs()
+    return _LOG_CALLBACK
 
 
 def fallback_tensors(path: Path) -> list[tuple[str, str, int]]:
