@@ -130,6 +130,18 @@ class SourceModel:
         }
 
 
+def causal_lm_class(source: SourceModel) -> Any:
+    """The transformers class that loads the source's language model: a vision model's is a Phi-3 (its
+    vision tensors are left unread), whatever model_type its config declares."""
+    if source.is_vision:
+        from transformers import Phi3ForCausalLM
+
+        return Phi3ForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

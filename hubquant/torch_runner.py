@@ -49,11 +49,11 @@ class TorchRunner(Runner):
 
     def __init__(self, source: SourceModel, *, weights: str = "fp32") -> None:
         import torch
-        from transformers import AutoModelForCausalLM, Phi3ForCausalLM
+
+        from hubquant.source import causal_lm_class
 
         self._torch = torch
-        # A vision model's language model is a Phi-3 (its vision tensors are left unread): the reference on text.
-        model_class: Any = Phi3ForCausalLM if source.is_vision else AutoModelForCausalLM
+        model_class = causal_lm_class(source)
         if weights == "source" and source.dtype in ("bfloat16", "float16"):
             self._model = model_class.from_pretrained(source.path, dtype=getattr(torch, source.dtype))
             _widen_all_but_linear_weights(self._model)

@@ -99,8 +99,8 @@ def compute_imatrix(source: "SourceModel", *, calibration_text: str | None, cont
     import gguf
     import torch
     from conversion import ModelType, get_model_architecture, get_model_class
-    from transformers import AutoModelForCausalLM
 
+    from hubquant.source import causal_lm_class
     from hubquant.text import BUILTIN_CALIBRATION_TEXT, calibration_windows, read_text
 
     windows = calibration_windows(source.path, calibration_text, context)
@@ -108,7 +108,7 @@ def compute_imatrix(source: "SourceModel", *, calibration_text: str | None, cont
     model_arch = get_model_class(get_model_architecture(source.config, ModelType.TEXT)).model_arch
     n_layers = int(source.config.get("num_hidden_layers") or source.config.get("n_layer"))
     names = gguf.get_tensor_name_map(model_arch, n_layers)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+    model = causal_lm_class(source).from_pretrained(source.path, dtype=torch.float32)
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
