@@ -17,8 +17,9 @@ The parts come from the tensor names the checkpoints use:
   (CLIP ViT-L/14), ``model.vision_embed_tokens.img_projection.*`` and the ``glb_GN``/``sub_GN``
   separators (projector);
 - ``Phi4MMForCausalLM`` (``phi4mm``, remote code) and transformers' ``Phi4MultimodalForCausalLM``
-  (``phi4_multimodal``): ``model.embed_tokens_extend.image_embed.*`` (SigLIP encoder, projection),
-  ``model.embed_tokens_extend.audio_embed.*`` (conformer encoder, projection), ``lora_A``/``lora_B``
+  (``phi4_multimodal``): ``model.embed_tokens_extend.image_embed.*`` (SigLIP encoder; projection
+  ``img_projection*`` and the ``*_img_feature_extensor`` separators), ``model.embed_tokens_extend.audio_embed.*``
+  (conformer encoder; projection ``audio_projection.*``, natively ``{up,down}_proj_for_*``), ``lora_A``/``lora_B``
   (the vision and speech LoRA adapters on the language model);
 - ``Phi4ForCausalLMV`` (Phi-4 with a SigLIP2 tower, which llama.cpp's converter writes as a language
   model plus an ``mmproj``): ``model.vision_tower.vision_tower.*`` and ``model.mm_projector.{0,2}.*``,
@@ -69,9 +70,9 @@ def part_of(name: str) -> str:
     if ".lora_A." in name or ".lora_B." in name:
         return "LoRA adapters"
     if "audio_embed" in name:
-        return "audio projector" if "projection" in name else "audio encoder"
+        return "audio projector" if "projection" in name or "_proj_for_" in name else "audio encoder"
     vision = ("vision_embed_tokens", "image_embed", "vision_tower", "vision_model", "img_processor")
-    projector = ("img_projection", "projector", "glb_GN", "sub_GN")
+    projector = ("img_projection", "projector", "glb_GN", "sub_GN", "img_feature_extensor")
     if any(key in name for key in projector) and (any(key in name for key in vision) or "projector" in name):
         return "vision projector"
     if any(key in name for key in vision):
@@ -93,13 +94,22 @@ def parts(headers: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return {part: totals[part] for part in PARTS if part in totals}
 
 
-def _routes() -> str:
-    """What to run instead of hubquant for a refused vision model, per format, as the installed tools stand."""
+def _routes(architecture: str) -> str:
+    """What to run instead of hubquant for a refused vision model, per format, as the installed tools stand
+    (checked on a tiny native ``phi4_multimodal``: optimum-intel 2.2 exports it under transformers 4.53.3,
+    and openvino-genai 2026.4's ``VLMPipeline`` answers "Unsupported 'phi4_multimodal' VLM model type")."""
+    runner = (
+        "run by optimum-intel's OVModelForVisualCausalLM (openvino-genai's VLMPipeline takes phi3_v and phi4mm, "
+        "not phi4_multimodal)"
+        if architecture == "Phi4MultimodalForCausalLM"
+        else "run by openvino-genai's VLMPipeline"
+    )
+    remote = " --trust-remote-code" if architecture in ("Phi3VForCausalLM", "Phi4MMForCausalLM") else ""
     return "; ".join(
         (
             "GGUF: llama.cpp's converter has no support for it",
-            "OpenVINO: optimum-cli export openvino --task image-text-to-text (optimum-intel 2.2 needs "
-            "transformers<=4.53.3 for it: an environment of its own), run by openvino-genai's VLMPipeline",
+            f"OpenVINO: optimum-cli export openvino --task image-text-to-text{remote} (optimum-intel 2.2 needs "
+            f"transformers<=4.53.3 for it: an environment of its own), {runner}",
             "MLX: mlx-vlm's convert (in an environment of its own)",
             "ONNX: onnxruntime-genai's builder makes the text decoder only; Microsoft's *-onnx repos ship "
             "the vision model set",
@@ -125,7 +135,7 @@ def vision_refusal(name: str, config: Mapping[str, Any], headers: Iterable[Mappi
     sizes = ", ".join(f"{part} {count(n)}" for part, n in parts(headers).items())
     return UnsupportedModelError(
         f"{name} is a {label} model ({architecture}, '{config.get('model_type') or model_type}'; parameters: "
-        f"{sizes}); hubquant builds the Phi text models only so far",
+        f"{sizes}); of the vision models, hubquant builds Phi-4 with a SigLIP2 tower (Phi4ForCausalLMV) so far",
         path=name,
-        hint=_routes(),
+        hint=_routes(architecture),
     )

@@ -46,6 +46,19 @@ CHECKPOINTS = {
             "model.embed_tokens_extend.audio_embed.audio_projection.speech.0.weight": (8, 5),
         },
     ),
+    "Phi4MultimodalForCausalLM": (
+        "phi4_multimodal",
+        {
+            # transformers' native names (a tiny Phi4MultimodalForCausalLM saved by transformers 4.53.3).
+            "model.embed_tokens.weight": (64, 8),
+            "model.layers.0.self_attn.qkv_proj.weight": (24, 8),
+            "model.embed_tokens_extend.image_embed.img_processor.embeddings.patch_embedding.weight": (4, 3, 2, 2),
+            "model.embed_tokens_extend.image_embed.img_projection_up.weight": (8, 16),
+            "model.embed_tokens_extend.image_embed.global_img_feature_extensor": (1, 1, 4),
+            "model.embed_tokens_extend.audio_embed.encoder.embed.conv.0.weight": (4, 1, 3, 3),
+            "model.embed_tokens_extend.audio_embed.up_proj_for_speech.weight": (8, 4),
+        },
+    ),
     "Phi4ForCausalLMV": (
         "phi3",
         {
@@ -82,6 +95,13 @@ def test_each_tensor_goes_to_its_part() -> None:
             "audio encoder": 50,
             "audio projector": 40,
         },
+        "Phi4MultimodalForCausalLM": {
+            "language model": 64 * 8 + 24 * 8,
+            "vision encoder": 48,
+            "vision projector": 128 + 4,
+            "audio encoder": 36,
+            "audio projector": 32,
+        },
         "Phi4ForCausalLMV": {"language model": 1024, "vision encoder": 48 + 64, "vision projector": 32 + 64},
     }
     for architecture, (_, tensors) in CHECKPOINTS.items():
@@ -104,7 +124,11 @@ def test_a_vision_checkpoint_is_refused_with_its_parts_and_the_route_per_format(
     assert "language model" in err and "vision encoder" in err and "vision projector" in err
     if architecture == "Phi3VForCausalLM":
         assert "parameters: language model 1,216, vision encoder 72, vision projector 160)" in err, err
-    assert "builds the Phi text models only so far" in err and "supports the Microsoft Phi family only" not in err
+        assert "--task image-text-to-text --trust-remote-code" in err and "run by openvino-genai's VLMPipeline" in err
+    if architecture == "Phi4MultimodalForCausalLM":
+        assert "OVModelForVisualCausalLM (openvino-genai's VLMPipeline takes phi3_v and phi4mm" in err, err
+    assert "hubquant builds Phi-4 with a SigLIP2 tower (Phi4ForCausalLMV) so far" in err
+    assert "supports the Microsoft Phi family only" not in err
     assert "VLMPipeline" in err and "mlx-vlm" in err
     assert "onnxruntime-genai's builder makes the text decoder only" in err
     assert "llama.cpp's converter has no support for it" in err
