@@ -302,3 +302,15 @@ def test_the_picture_figures_are_measured_tracked_and_carded(vision_publish: dic
     assert "--mmproj mmproj-tiny-phi4-vision-F16.gguf --image" in card and "llama-mtmd-cli" in card
     assert "vision encoder 74,304" in card
     assert not (tmp / "stage" / "ns" / "tiny-phi4-vision-ONNX").exists()
+
+
+def test_hubquant_tiny_builds_a_vision_checkpoint(tmp_path: Path) -> None:
+    code, out, err = run_cli("tiny", str(tmp_path / "tiny-vision"), "--vision", "--steps", "0")
+    assert code == 0, err
+    folder = Path(out.strip())
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["Phi4ForCausalLMV"] and config["vision_config"]["patch_size"] == 4
+    assert json.loads((folder / "preprocessor_config.json").read_text())["max_num_patches"] == 64
+    code, _, err = run_cli("tiny", str(tmp_path / "other"), "--vision", "--style", "phi4")
+    assert code == 1 and "--vision builds on the phi3 style" in err and "Traceback" not in err
+    assert not (tmp_path / "other").exists()

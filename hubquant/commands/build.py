@@ -155,15 +155,31 @@ def quantize(
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for the tokenizer, weights and training batches.")
 @click.option("--steps", default=300, show_default=True, help="Training steps (0 keeps random weights).")
-def tiny(output: str, style: str, seed: int, steps: int) -> None:
+@click.option(
+    "--vision",
+    is_flag=True,
+    help="A Phi-4-with-SigLIP2-shaped vision model (Phi4ForCausalLMV): the tiny Phi-3 plus a random vision "
+    "tower and projector, which GGUF builds with its mmproj.",
+)
+def tiny(output: str, style: str, seed: int, steps: int, vision: bool) -> None:
     """Build a tiny trained Phi checkpoint in OUTPUT (for trying hubquant without a download)."""
-    from hubquant.errors import OutputError
-    from hubquant.tiny import build_tiny_phi
+    from hubquant.errors import OutputError, RecipeError
+    from hubquant.tiny import build_tiny_phi, tiny_phi
+    from hubquant.tiny_vision import add_vision_tower
 
     if Path(output).exists():
         raise OutputError(
             f"{output} already exists", path=output, hint="choose a new folder; hubquant never overwrites it"
         )
+    if vision and style != "phi3":
+        raise RecipeError(
+            "--vision builds on the phi3 style (a SentencePiece vocabulary llama.cpp's converter knows)",
+            key="style",
+            hint="drop --style, or pass --style phi3",
+        )
+    if vision:  # the text model is built (or reused) in the cache, then given its vision tower here
+        click.echo(str(add_vision_tower(tiny_phi("phi3", seed=seed, steps=steps), output, seed=seed)))
+        return
     click.echo(str(build_tiny_phi(output, style=style, seed=seed, steps=steps)))  # type: ignore[arg-type]
 
 
