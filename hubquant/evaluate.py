@@ -388,7 +388,9 @@ class Evaluator:
         from hubquant.image_fidelity import image_results
 
         image = result.get("image")
-        first = next(iter(image["projectors"]), "?") if image else "?"
+        if not image:
+            return None
+        first = next(iter(image["projectors"]))  # the most faithful: the one the floor reads with
         return image_results(
             image,
             floor=f"{plan.precision} with the {first} projector" if plan is not None else None,

@@ -49,8 +49,8 @@ FORMAT_SUPPORT: dict[str, str] = {
     "onnx": "onnxruntime-genai's builder makes the text decoder only, without the vision encoder and embedding "
     "models that onnxruntime_genai.MultiModalProcessor needs",
     "openvino": "optimum-intel 2.2 exports phi3_v, phi4mm and phi4_multimodal for image-text-to-text, not "
-    "Phi4ForCausalLMV",
-    "mlx": "mlx-vlm has no model for Phi4ForCausalLMV (it runs phi3_v and phi4mm)",
+    "{architecture}",
+    "mlx": "mlx-vlm has no model for {architecture} (it runs phi3_v and phi4mm)",
 }
 
 #: The parts, in the order they are reported.
@@ -119,7 +119,9 @@ def _routes(architecture: str) -> str:
 
 def format_refusal(fmt: str, name: str, architecture: str) -> UnsupportedModelError:
     """The error of a variant whose format cannot carry a vision model with its picture encoder."""
-    why = FORMAT_SUPPORT.get(fmt, f"hubquant's {fmt} exporter builds text models only")
+    why = FORMAT_SUPPORT.get(fmt, f"hubquant's {fmt} exporter builds text models only").format(
+        architecture=architecture
+    )
     return UnsupportedModelError(
         f"{fmt} cannot carry {name} ({architecture}) with its vision encoder: {why}",
         path=name,
