@@ -193,6 +193,9 @@ def image_table(plan: RepoPlan) -> tuple[list[dict[str, str]], str]:
                     "kl": display.scientific(score.quant_kl_mean, score.quant_kl_mean_stderr),
                     "top1": display.percent(score.quant_top1_agreement, score.quant_top1_agreement_stderr),
                     "effect": display.scientific(score.image_effect_kl, score.image_effect_kl_stderr),
+                    "original": display.scientific(score.ref_kl_mean, score.ref_kl_mean_stderr)
+                    if score.ref_kl_mean is not None
+                    else None,
                     "tokens": str(score.answer_tokens),
                 }
             )

@@ -71,6 +71,7 @@ for command in (
     build.quantize,
     measure.eval_command,
     build.tiny,
+    build.setup,
     build.demo,
     publish.publish,
     publish.plan,

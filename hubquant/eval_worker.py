@@ -73,7 +73,8 @@ def run_reference(job: dict[str, Any]) -> dict[str, Any]:
     folder = Path(job["folder"])
     windows = np.load(folder / "windows.npy")
     started = time.perf_counter()
-    runner = TorchRunner(resolve_source(job["source"]), weights=job.get("weights", "fp32"))
+    source = resolve_source(job["source"])
+    runner = TorchRunner(source, weights=job.get("weights", "fp32"))
     load = time.perf_counter() - started
     speed = _speed(runner, windows, job)
     rss = _peak_rss_mb()
@@ -84,6 +85,9 @@ def run_reference(job: dict[str, Any]) -> dict[str, Any]:
         nll.append(window_nll(logits, window.tolist()))
     scored = np.concatenate(nll)
     np.save(folder / "nll.npy", scored)
+    from hubquant.image_fidelity import reference_pictures
+
+    reference_pictures(source, folder)
     return {
         "perplexity": perplexity(scored).pair(),
         "load_seconds": load,

@@ -390,11 +390,12 @@ class Evaluator:
         image = result.get("image")
         if not image:
             return None
-        first = next(iter(image["projectors"]))  # the most faithful: the one the floor reads with
+        exporter = get_exporter(artifact.format)
+        first = exporter.floor_projector or next(iter(image["projectors"]))  # the one the floor reads with
         return image_results(
             image,
-            floor=f"{plan.precision} with the {first} projector" if plan is not None else None,
-            runtime=get_exporter(artifact.format).display_name,
+            floor=f"{plan.precision} with the {first} picture encoder" if plan is not None else None,
+            runtime=exporter.display_name,
             architecture=self.source.architecture,
         )
 

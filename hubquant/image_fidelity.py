@@ -8,9 +8,12 @@ projector, its *floor*): KL and top-1 agreement, each with its standard error ov
 The variant is read once with each projector it ships (``mmproj`` F16 and Q8_0 for GGUF), so the card
 tells what the quantized language model costs and what the smaller projector adds.
 
-No PyTorch class runs ``Phi4ForCausalLMV`` (transformers has none), so these figures compare with the
+No PyTorch class runs ``Phi4ForCausalLMV`` (transformers has none), so its figures compare with the
 runtime's own unquantized form only; the runtime's deviation from the original on pictures is not
-measured, and the card says so. Each prompt is also read with another picture of the set: the *image
+measured, and the card says so. ``Phi4MultimodalForCausalLM`` has one: the reference run also reads the
+pictures in PyTorch (in the vision environment, on the very ids and pixels the variants read), and every
+variant is compared with it too, so the floor's figure against it is the runtime's own deviation.
+Each prompt is also read with another picture of the set: the *image
 effect* (KL between the answers given the right picture and a wrong one) says how much the picture
 moves the answer at all, the scale a quantization KL is read against.
 """
@@ -27,6 +30,12 @@ if TYPE_CHECKING:
 
     from hubquant.artifact import Artifact
 
+#: What the figures compare with when PyTorch reads the pictures too, said on the cards.
+WITH_REFERENCE = (
+    "'KL from quantization' compares each variant with {runtime}'s own unquantized form ({floor}); 'KL from the "
+    "original' compares it with PyTorch's {architecture} (transformers 4.53.3, eager attention) on the same ids "
+    "and pixels, so the floor's figure there is the runtime's own deviation, never counted as quantization loss"
+)
 #: What the quantization-only figures compare with, said on the cards.
 NO_REFERENCE = (
     "No PyTorch reference reads the pictures (transformers has no class for {architecture}): these figures "
@@ -46,6 +55,38 @@ def _read_all(reader: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return own, swapped
 
 
+def _originals(reference: Path) -> list[np.ndarray] | None:
+    """The PyTorch model's answer logits on the pictures, where the reference run read them."""
+    import numpy as np
+
+    from hubquant.images import IMAGE_PROMPTS
+
+    if not (reference / "image-logits-0.npy").is_file():
+        return None
+    return [np.load(reference / f"image-logits-{index}.npy") for index in range(len(IMAGE_PROMPTS))]
+
+
+def _against(own: list[np.ndarray], bases: list[np.ndarray]) -> dict[str, Any]:
+    """KL (base ‖ own) and top-1 agreement over every answer token, with their standard errors."""
+    import numpy as np
+
+    from hubquant.stats import kl_divergence, mean, proportion
+
+    vocab = min(bases[0].shape[-1], own[0].shape[-1])
+    pairs = [(a[:, :vocab], b[:, :vocab]) for a, b in zip(own, bases, strict=True)]
+    kl = np.concatenate([kl_divergence(b, a) for a, b in pairs])
+    agree = np.concatenate([b.argmax(-1) == a.argmax(-1) for a, b in pairs])
+    return {"kl_mean": mean(kl).pair(), "top1": proportion(agree).pair()}
+
+
+def reference_pictures(source: Any, folder: Path) -> None:
+    """The reference run's side: PyTorch reads the pictures too, where a transformers class runs the model."""
+    if source.architecture == "Phi4MultimodalForCausalLM":
+        from hubquant.exporters.openvino_vision import picture_reference
+
+        picture_reference(source.path, folder)
+
+
 def score_images(artifact: Artifact, job: dict[str, Any]) -> dict[str, Any] | None:
     """The worker's side: read the pictures with each projector; keep the floor's logits or compare with them.
 
@@ -54,7 +95,7 @@ def score_images(artifact: Artifact, job: dict[str, Any]) -> dict[str, Any] | No
 
     from hubquant.exporters import get_exporter
     from hubquant.images import IMAGE_PROMPTS
-    from hubquant.stats import kl_divergence, mean, proportion
+    from hubquant.stats import kl_divergence, mean
 
     exporter = get_exporter(artifact.format)()
     projectors = exporter.image_projectors(artifact)
@@ -66,6 +107,7 @@ def score_images(artifact: Artifact, job: dict[str, Any]) -> dict[str, Any] | No
         floor = None  # a floor measured before pictures were read: no picture figures against it
     scores: dict[str, Any] = {}
     bases: list[np.ndarray] | None = None
+    originals = _originals(Path(job["reference"])) if job.get("reference") else None
     if floor is not None:
         bases = [np.load(floor / f"image-logits-{index}.npy") for index in range(len(IMAGE_PROMPTS))]
     for position, projector in enumerate(projectors):
@@ -76,16 +118,14 @@ def score_images(artifact: Artifact, job: dict[str, Any]) -> dict[str, Any] | No
             reader.close()
         effect = np.concatenate([kl_divergence(a, b) for a, b in zip(own, swapped, strict=True)])
         entry: dict[str, Any] = {"image_effect_kl": mean(effect).pair(), "answer_tokens": int(effect.size)}
+        if originals is not None:
+            entry["reference"] = _against(own, originals)
         if keep is not None and position == 0:  # the floor: its most faithful projector's answers
             for index, logits in enumerate(own):
                 np.save(keep / f"image-logits-{index}.npy", logits.astype(np.float32))
             bases = own  # its other projectors are scored against them: the projector's quantization alone
         elif bases is not None:
-            vocab = min(bases[0].shape[-1], own[0].shape[-1])
-            pairs = [(a[:, :vocab], b[:, :vocab]) for a, b in zip(own, bases, strict=True)]
-            kl = np.concatenate([kl_divergence(b, a) for a, b in pairs])
-            agree = np.concatenate([b.argmax(-1) == a.argmax(-1) for a, b in pairs])
-            entry["floor"] = {"kl_mean": mean(kl).pair(), "top1": proportion(agree).pair()}
+            entry["floor"] = _against(own, bases)
         scores[projector] = entry
     return {"projectors": scores, "prompts": len(IMAGE_PROMPTS)}
 
@@ -97,9 +137,13 @@ def image_results(
     if not result:
         return None
     rows = []
+    referenced = False
     for projector, entry in result["projectors"].items():
         effect, base = entry["image_effect_kl"], entry.get("floor") or {}
         kl, top1 = base.get("kl_mean") or [None, None], base.get("top1") or [None, None]
+        original = entry.get("reference") or {}
+        ref_kl, ref_top1 = original.get("kl_mean") or [None, None], original.get("top1") or [None, None]
+        referenced = referenced or bool(original)
         rows.append(
             ImageScore(
                 projector=projector,
@@ -110,7 +154,12 @@ def image_results(
                 quant_kl_mean_stderr=kl[1],
                 quant_top1_agreement=top1[0],
                 quant_top1_agreement_stderr=top1[1],
+                ref_kl_mean=ref_kl[0],
+                ref_kl_mean_stderr=ref_kl[1],
+                ref_top1_agreement=ref_top1[0],
+                ref_top1_agreement_stderr=ref_top1[1],
             )
         )
-    baseline = NO_REFERENCE.format(architecture=architecture, runtime=runtime, floor=floor or "not measured")
+    words = WITH_REFERENCE if referenced else NO_REFERENCE
+    baseline = words.format(architecture=architecture, runtime=runtime, floor=floor or "not measured")
     return ImageResults(prompts=result["prompts"], scores=rows, baseline=baseline)

@@ -256,6 +256,12 @@ class ImageScore(_Record):
     quant_kl_mean_stderr: float | None = None
     quant_top1_agreement: float | None = None
     quant_top1_agreement_stderr: float | None = None
+    #: Against the PyTorch model on the same inputs, where one reads pictures: the runtime's deviation plus
+    #: quantization (None: no PyTorch class reads this architecture's pictures).
+    ref_kl_mean: float | None = None
+    ref_kl_mean_stderr: float | None = None
+    ref_top1_agreement: float | None = None
+    ref_top1_agreement_stderr: float | None = None
 
 
 class ImageResults(_Record):

@@ -117,7 +117,9 @@ def image_lines(rows: list[Evaluation]) -> list[str]:
     first = found[0].image
     assert first is not None
     label = min(max(len(row.label) for row in found), _LABEL_MAX)
-    head = f"{'variant':<{label}} {'projector':<9} {'KL q ± se':>19} {'top1 ± se':>15} {'picture effect':>19}"
+    original = any(score.ref_kl_mean is not None for row in found for score in row.image.scores)  # type: ignore[union-attr]
+    head = f"{'variant':<{label}} {'encoder':<9} {'KL q ± se':>19} {'top1 ± se':>15} {'picture effect':>19}"
+    head += f" {'KL orig ± se':>19}" if original else ""
     lines = ["", f"pictures: {first.prompts} built-in pictures, KL on the answer tokens", head, "─" * len(head)]
     for row in found:
         assert row.image is not None
@@ -127,6 +129,7 @@ def image_lines(rows: list[Evaluation]) -> list[str]:
                 f"{display.scientific(score.quant_kl_mean, score.quant_kl_mean_stderr):>19} "
                 f"{display.percent(score.quant_top1_agreement, score.quant_top1_agreement_stderr):>15} "
                 f"{display.scientific(score.image_effect_kl, score.image_effect_kl_stderr):>19}"
+                + (f" {display.scientific(score.ref_kl_mean, score.ref_kl_mean_stderr):>19}" if original else "")
             )
     return [*lines, first.baseline + " (— marks that form itself)"]
 

@@ -1,10 +1,12 @@
 """Phi vision models: recognised, their parts counted, built in the formats whose tools carry them with
 their picture encoder, and refused elsewhere with what each format's tools can do with them (issue 19).
 
-``Phi4ForCausalLMV`` is built: its language model is a Phi-3, and llama.cpp's converter writes it as a
-language-model GGUF plus an ``mmproj`` GGUF that llama.cpp's ``mtmd`` runs on pictures
-(:mod:`hubquant.exporters.gguf_vision`). The other formats refuse it per variant, saying why. The other
-vision architectures are refused before any work, with their parts and the route per format.
+``Phi4ForCausalLMV`` is built as GGUF: its language model is a Phi-3, and llama.cpp's converter writes it as
+a language-model GGUF plus an ``mmproj`` GGUF that llama.cpp's ``mtmd`` runs on pictures
+(:mod:`hubquant.exporters.gguf_vision`). transformers' native ``Phi4MultimodalForCausalLM`` is built as
+OpenVINO, exported by optimum-intel in an environment of its own (:mod:`hubquant.exporters.openvino_vision`).
+Each is refused per variant by the formats that cannot carry it, saying why. The remote-code vision
+architectures (``phi3_v``, ``phi4mm``) are refused before any work, with their parts and the route per format.
 
 A vision checkpoint is a Phi language model plus a vision encoder and a projector into the language
 model's embeddings (Phi-4-multimodal adds an audio encoder and LoRA adapters). hubquant names each
@@ -42,15 +44,16 @@ VISION_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Phi4ForCausalLMV": ("Phi-4 with a SigLIP2 vision tower", "phi4_v"),
 }
 VISION_MODEL_TYPES = {model_type: arch for arch, (_, model_type) in VISION_ARCHITECTURES.items()}
-#: The vision architectures hubquant builds (in the formats :data:`FORMAT_SUPPORT` names).
-BUILT_VISION = ("Phi4ForCausalLMV",)
+#: The vision architectures hubquant builds (each in the formats whose ``vision_architectures`` name it).
+BUILT_VISION = ("Phi4ForCausalLMV", "Phi4MultimodalForCausalLM")
 #: Why each format cannot carry a built vision architecture with its picture encoder, and what to use.
 FORMAT_SUPPORT: dict[str, str] = {
+    "gguf": "llama.cpp's converter has no class for {architecture} (its vision models include Phi4ForCausalLMV)",
     "onnx": "onnxruntime-genai's builder makes the text decoder only, without the vision encoder and embedding "
     "models that onnxruntime_genai.MultiModalProcessor needs",
     "openvino": "optimum-intel 2.2 exports phi3_v, phi4mm and phi4_multimodal for image-text-to-text, not "
     "{architecture}",
-    "mlx": "mlx-vlm has no model for {architecture} (it runs phi3_v and phi4mm)",
+    "mlx": "mlx-vlm has no model for {architecture} (it runs phi3_v and phi4mm, from their remote code)",
 }
 
 #: The parts, in the order they are reported.
@@ -95,21 +98,13 @@ def parts(headers: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def _routes(architecture: str) -> str:
-    """What to run instead of hubquant for a refused vision model, per format, as the installed tools stand
-    (checked on a tiny native ``phi4_multimodal``: optimum-intel 2.2 exports it under transformers 4.53.3,
-    and openvino-genai 2026.4's ``VLMPipeline`` answers "Unsupported 'phi4_multimodal' VLM model type")."""
-    runner = (
-        "run by optimum-intel's OVModelForVisualCausalLM (openvino-genai's VLMPipeline takes phi3_v and phi4mm, "
-        "not phi4_multimodal)"
-        if architecture == "Phi4MultimodalForCausalLM"
-        else "run by openvino-genai's VLMPipeline"
-    )
-    remote = " --trust-remote-code" if architecture in ("Phi3VForCausalLM", "Phi4MMForCausalLM") else ""
+    """What to run instead of hubquant for a refused (remote-code) vision model, per format, as the installed
+    tools stand: their code cannot be fetched offline, so hubquant has never run it."""
     return "; ".join(
         (
             "GGUF: llama.cpp's converter has no support for it",
-            f"OpenVINO: optimum-cli export openvino --task image-text-to-text{remote} (optimum-intel 2.2 needs "
-            f"transformers<=4.53.3 for it: an environment of its own), {runner}",
+            "OpenVINO: optimum-cli export openvino --task image-text-to-text --trust-remote-code (optimum-intel 2.2 "
+            "needs transformers<=4.53.3 for it: an environment of its own), run by openvino-genai's VLMPipeline",
             "MLX: mlx-vlm's convert (in an environment of its own)",
             "ONNX: onnxruntime-genai's builder makes the text decoder only; Microsoft's *-onnx repos ship "
             "the vision model set",
@@ -117,16 +112,16 @@ def _routes(architecture: str) -> str:
     )
 
 
-def format_refusal(fmt: str, name: str, architecture: str) -> UnsupportedModelError:
-    """The error of a variant whose format cannot carry a vision model with its picture encoder."""
+def format_refusal(fmt: str, name: str, architecture: str, carriers: list[str]) -> UnsupportedModelError:
+    """The error of a variant whose format cannot carry a vision model with its picture encoder;
+    ``carriers`` are the formats that can."""
     why = FORMAT_SUPPORT.get(fmt, f"hubquant's {fmt} exporter builds text models only").format(
         architecture=architecture
     )
     return UnsupportedModelError(
         f"{fmt} cannot carry {name} ({architecture}) with its vision encoder: {why}",
         path=name,
-        hint="build this model as GGUF (the language model plus its mmproj, run by llama-mtmd-cli), "
-        "and leave the other formats out of the recipe",
+        hint=f"build this model as {' or '.join(carriers) or 'a text model'}, and leave {fmt} out of the recipe",
     )
 
 
@@ -137,7 +132,8 @@ def vision_refusal(name: str, config: Mapping[str, Any], headers: Iterable[Mappi
     sizes = ", ".join(f"{part} {count(n)}" for part, n in parts(headers).items())
     return UnsupportedModelError(
         f"{name} is a {label} model ({architecture}, '{config.get('model_type') or model_type}'; parameters: "
-        f"{sizes}); of the vision models, hubquant builds Phi-4 with a SigLIP2 tower (Phi4ForCausalLMV) so far",
+        f"{sizes}); of the vision models, hubquant builds Phi-4 with a SigLIP2 tower (Phi4ForCausalLMV, as GGUF) "
+        "and transformers' Phi-4-multimodal (Phi4MultimodalForCausalLM, as OpenVINO) so far",
         path=name,
         hint=_routes(architecture),
     )

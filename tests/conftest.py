@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,34 @@ def tiny_phi4_vision(model_store: Path, tiny_phi3: Path) -> Path:
         if path.exists():
             shutil.rmtree(path)
         add_vision_tower(tiny_phi3, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vision_env(model_store: Path) -> Iterator[Path]:
+    """The OpenVINO vision environment (transformers 4.53.3), made once per session: where
+    ``HUBQUANT_VISION_ENV`` already points (``.ci/run`` makes it ahead), else in the model store."""
+    from hubquant.vision_env import ensure_env
+
+    before = os.environ.get("HUBQUANT_VISION_ENV")
+    os.environ["HUBQUANT_VISION_ENV"] = before or str(model_store / "openvino-vision-env")
+    try:
+        yield ensure_env()
+    finally:
+        if before is None:
+            os.environ.pop("HUBQUANT_VISION_ENV", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi4_multimodal(model_store: Path, tiny_phi3: Path, vision_env: Path) -> Path:
+    """The trained tiny Phi-3 with random SigLIP and audio encoders: a tiny native ``Phi4MultimodalForCausalLM``."""
+    from hubquant.tiny_multimodal import add_multimodal
+
+    path = model_store / "tiny-phi4-multimodal"
+    if not (path / "config.json").is_file():
+        if path.exists():
+            shutil.rmtree(path)
+        add_multimodal(tiny_phi3, path)
     return path
 
 

@@ -125,9 +125,7 @@ def test_a_vision_checkpoint_is_refused_with_its_parts_and_the_route_per_format(
     if architecture == "Phi3VForCausalLM":
         assert "parameters: language model 1,216, vision encoder 72, vision projector 160)" in err, err
         assert "--task image-text-to-text --trust-remote-code" in err and "run by openvino-genai's VLMPipeline" in err
-    if architecture == "Phi4MultimodalForCausalLM":
-        assert "OVModelForVisualCausalLM (openvino-genai's VLMPipeline takes phi3_v and phi4mm" in err, err
-    assert "hubquant builds Phi-4 with a SigLIP2 tower (Phi4ForCausalLMV) so far" in err
+    assert "hubquant builds Phi-4 with a SigLIP2 tower (Phi4ForCausalLMV, as GGUF) and transformers' " in err
     assert "supports the Microsoft Phi family only" not in err
     assert "VLMPipeline" in err and "mlx-vlm" in err
     assert "onnxruntime-genai's builder makes the text decoder only" in err

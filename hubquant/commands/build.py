@@ -145,6 +145,19 @@ def quantize(
 
 
 @click.command()
+@click.argument("what", type=click.Choice(["openvino-vision"]))
+def setup(what: str) -> None:
+    """Create an environment a route needs ahead of time (hubquant otherwise creates it on first need).
+
+    openvino-vision: transformers 4.53.3 beside hubquant's packages, for Phi-4-multimodal's OpenVINO export.
+    """
+    from hubquant.vision_env import PINS, ensure_env, env_size
+
+    python = ensure_env(lambda line: click.echo(line, err=True))
+    click.echo(f"{python.parent.parent} ({', '.join(PINS)}; {env_size(python.parent.parent) / 1e6:.0f} MB)")
+
+
+@click.command()
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option(
     "--style",
@@ -161,22 +174,35 @@ def quantize(
     help="A Phi-4-with-SigLIP2-shaped vision model (Phi4ForCausalLMV): the tiny Phi-3 plus a random vision "
     "tower and projector, which GGUF builds with its mmproj.",
 )
-def tiny(output: str, style: str, seed: int, steps: int, vision: bool) -> None:
+@click.option(
+    "--multimodal",
+    is_flag=True,
+    help="A native Phi-4-multimodal (Phi4MultimodalForCausalLM): the tiny Phi-3 plus random SigLIP and audio "
+    "encoders, which OpenVINO builds (written in the OpenVINO vision environment, created on first need).",
+)
+def tiny(output: str, style: str, seed: int, steps: int, vision: bool, multimodal: bool) -> None:
     """Build a tiny trained Phi checkpoint in OUTPUT (for trying hubquant without a download)."""
     from hubquant.errors import OutputError, RecipeError
     from hubquant.tiny import build_tiny_phi, tiny_phi
+    from hubquant.tiny_multimodal import add_multimodal
     from hubquant.tiny_vision import add_vision_tower
 
     if Path(output).exists():
         raise OutputError(
             f"{output} already exists", path=output, hint="choose a new folder; hubquant never overwrites it"
         )
-    if vision and style != "phi3":
+    if vision and multimodal:
+        raise RecipeError("--vision and --multimodal are two models", key="vision", hint="pass one of them")
+    if (vision or multimodal) and style != "phi3":
         raise RecipeError(
-            "--vision builds on the phi3 style (a SentencePiece vocabulary llama.cpp's converter knows)",
+            f"{'--vision' if vision else '--multimodal'} builds on the phi3 style (the tiny Phi-3's SentencePiece "
+            "vocabulary)",
             key="style",
             hint="drop --style, or pass --style phi3",
         )
+    if multimodal:
+        click.echo(str(add_multimodal(tiny_phi("phi3", seed=seed, steps=steps), Path(output), seed=seed)))
+        return
     if vision:  # the text model is built (or reused) in the cache, then given its vision tower here
         click.echo(str(add_vision_tower(tiny_phi("phi3", seed=seed, steps=steps), output, seed=seed)))
         return

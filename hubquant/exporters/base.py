@@ -267,6 +267,8 @@ class Exporter(ABC):
 
     #: Vision architectures this format carries with their picture encoder (see :mod:`hubquant.vision`).
     vision_architectures: ClassVar[tuple[str, ...]] = ()
+    #: The picture encoder the format's floor reads pictures with (its most faithful).
+    floor_projector: ClassVar[str | None] = None
 
     @classmethod
     def refusal(cls, source: SourceModel) -> HubquantError | None:
@@ -274,7 +276,8 @@ class Exporter(ABC):
         if source.is_vision and source.architecture not in cls.vision_architectures:
             from hubquant.vision import format_refusal
 
-            return format_refusal(cls.name, source.name, source.architecture)
+            carriers = [name for name, kind in registry().items() if source.architecture in kind.vision_architectures]
+            return format_refusal(cls.name, source.name, source.architecture, carriers)
         return None
 
     @classmethod

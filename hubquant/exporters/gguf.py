@@ -130,6 +130,7 @@ class GGUFExporter(Exporter):
     floor_bytes_per_parameter = 2.0  # F16, mmapped: 7.5 GB for 3.8B parameters
     plot_marker = "o"
     vision_architectures = ("Phi4ForCausalLMV",)
+    floor_projector = "F16"
 
     @classmethod
     def tool_versions(cls) -> dict[str, str]:

@@ -33,6 +33,7 @@ from pydantic import Field
 from hubquant.child import ChildResult, python_module, run_child
 from hubquant.errors import ExportError, MissingDependencyError, RecipeError
 from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Progress, Runner
+from hubquant.exporters.openvino_vision import INFERENCE_PRECISION  # one value for the text and vision readers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,14 +47,11 @@ log = logging.getLogger(__name__)
 #: Options that shape int4 compression; setting any of them replaces optimum-intel's defaults.
 INT4_OPTIONS = ("group_size", "sym", "ratio", "all_layers", "awq", "scale_estimation", "gptq", "backup_precision")
 #: Options that only make sense for int4/int8 (compression at all).
-COMPRESSION_OPTIONS = INT4_OPTIONS + ("dataset", "num_samples", "calibration_context")
+COMPRESSION_OPTIONS = INT4_OPTIONS + ("dataset", "num_samples", "calibration_context", "vision_weights")
 #: Calibration datasets optimum-intel knows for LLMs (downloaded through ``datasets``).
 NAMED_DATASETS = ("wikitext2", "c4", "c4-new", "gsm8k", "auto")
 #: What the worker leaves in the work folder for the torch-free compressor (:mod:`.openvino_compress`).
 COMPRESS_SPEC = "openvino-compress.pkl"
-#: Inference precision every OpenVINO evaluation runs at, so figures compare across machines
-#: (CPUs with AMX/AVX512-FP16 would otherwise default to bf16/f16 compute).
-INFERENCE_PRECISION = "f32"
 
 
 class OpenVINOOptions(ExporterOptions):
@@ -80,6 +78,11 @@ class OpenVINOOptions(ExporterOptions):
     calibration_context: int = Field(128, ge=16, le=8192, description="calibration: tokens per sample from a text file")
     defaults: Literal["model", "none"] = Field(
         "model", description="int4 with no compression option: 'model' uses optimum-intel's per-model table"
+    )
+    vision_weights: Literal["int8", "unquantized"] | None = Field(
+        None,
+        description="vision models, int4/int8: the picture (and audio) encoders' weights, int8 like optimum-intel "
+        "(default) or left unquantized (fp32)",
     )
 
 
@@ -114,6 +117,8 @@ class OpenVINOExporter(Exporter):
     floor_bytes_per_parameter = 6.2  # fp32 at f32 inference: 23.4 GB for 3.8B parameters
     writes_in_order = True  # the serializer streams the .bin, then the .xml; the shared IR is in the work folder
     plot_marker = "^"
+    vision_architectures = ("Phi4MultimodalForCausalLM",)  # see hubquant.exporters.openvino_vision
+    floor_projector = "fp32"
 
     @classmethod
     def check_combination(cls, precision: str, options: ExporterOptions) -> None:
@@ -191,6 +196,8 @@ class OpenVINOExporter(Exporter):
             parts.append(f"ctx{options['calibration_context']}")
         if options.get("defaults") == "none":
             parts.append("no-defaults")
+        if options.get("vision_weights") == "unquantized":
+            parts.append("vision-fp32")
         return "-".join(parts)
 
     @classmethod
@@ -214,15 +221,25 @@ class OpenVINOExporter(Exporter):
         detail = ", ".join(parts)
         return [f"data-aware compression calibrated on {settings['dataset']}" + (f" ({detail})" if detail else "")]
 
-    @classmethod
-    def snippets(cls, plan: "RepoPlan") -> str:
-        return SNIPPETS.format(repo=plan.repo_id)
-
     def export(
         self, source: "SourceModel", jobs: list[ExportJob], *, work_dir: Path, progress: Progress
     ) -> dict[str, BaseException | None]:
         """Every variant in one child process, so the full-precision IR is exported once for all."""
         self.check_installed()
+        if source.is_vision:
+            from hubquant.exporters.openvino_vision import encoder_roles, export_vision
+
+            outcome, child = export_vision(source, jobs, work_dir=work_dir, progress=progress)
+            for job in jobs:
+                job.roles.update(encoder_roles(job.folder))
+            return self._results(jobs, outcome, dict.fromkeys(outcome, child), child)
+        for job in jobs:
+            if job.options.get("vision_weights"):
+                raise RecipeError(
+                    "OpenVINO option vision_weights applies to vision models only",
+                    key="options.vision_weights",
+                    hint=f"drop it for {source.name}, a text model",
+                )
         plan = {
             "source": str(source.path),
             "source_id": source.source_id,
@@ -243,6 +260,12 @@ class OpenVINOExporter(Exporter):
         children = dict.fromkeys(outcome, child)
         if any(entry.get("deferred") for entry in outcome.values()):
             self._compress_deferred(work_dir, outcome, children, progress)
+        return self._results(jobs, outcome, children, child)
+
+    def _results(
+        self, jobs: list[ExportJob], outcome: dict[str, Any], children: dict[str, ChildResult], child: ChildResult
+    ) -> dict[str, BaseException | None]:
+        """Each job's error (None when built), with the worker's timings, warnings and settings recorded."""
         results: dict[str, BaseException | None] = {}
         for job in jobs:
             entry = outcome.get(job.name)
@@ -302,7 +325,31 @@ class OpenVINOExporter(Exporter):
 
     def runner(self, artifact: "Artifact", *, context_length: int) -> Runner:
         self.check_installed()
-        return OpenVINORunner(artifact.path)
+        from hubquant.exporters.openvino_vision import OpenVINOVisionRunner, is_vision_folder
+
+        return OpenVINOVisionRunner(artifact.path) if is_vision_folder(artifact.path) else OpenVINORunner(artifact.path)
+
+    @classmethod
+    def image_projectors(cls, artifact: "Artifact") -> list[str]:
+        """A vision variant reads pictures with the encoders it ships, named by their weights (INT8, FP32)."""
+        from hubquant.exporters.openvino_vision import is_vision_folder
+
+        if not is_vision_folder(artifact.path):
+            return []
+        return [str((artifact.manifest.settings or {}).get("vision_weights") or "fp32").replace("unquantized", "fp32")]
+
+    def image_reader(self, artifact: "Artifact", projector: str) -> Any:
+        from hubquant.exporters.openvino_vision import OpenVINOVisionReader
+
+        return OpenVINOVisionReader(artifact.path)
+
+    @classmethod
+    def snippets(cls, plan: "RepoPlan") -> str:
+        if plan.variants and plan.variants[0].artifact.manifest.source.vision_parts:
+            from hubquant.exporters.openvino_vision import VISION_SNIPPETS
+
+            return VISION_SNIPPETS.format(repo=plan.repo_id)
+        return SNIPPETS.format(repo=plan.repo_id)
 
 
 SNIPPETS = """optimum-intel:
