@@ -41,7 +41,7 @@ VISION_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Phi3VForCausalLM": ("Phi-3/3.5-vision", "phi3_v"),
     "Phi4MMForCausalLM": ("Phi-4-multimodal (remote code)", "phi4mm"),
     "Phi4MultimodalForCausalLM": ("Phi-4-multimodal (transformers)", "phi4_multimodal"),
-    "Phi4ForCausalLMV": ("Phi-4 with a SigLIP2 vision tower", "phi4_v"),
+    "Phi4ForCausalLMV": ("Phi-4 with a SigLIP2 vision tower", "phi4-siglip"),
 }
 VISION_MODEL_TYPES = {model_type: arch for arch, (_, model_type) in VISION_ARCHITECTURES.items()}
 #: The vision architectures hubquant builds (each in the formats whose ``vision_architectures`` name it).
@@ -53,7 +53,13 @@ FORMAT_SUPPORT: dict[str, str] = {
     "models that onnxruntime_genai.MultiModalProcessor needs",
     "openvino": "optimum-intel 2.2 exports phi3_v, phi4mm and phi4_multimodal for image-text-to-text, not "
     "{architecture}",
-    "mlx": "mlx-vlm has no model for {architecture} (it runs phi3_v and phi4mm, from their remote code)",
+    "mlx": "mlx-vlm has no model for {architecture} (it runs phi3_v and phi4mm from their remote code, and "
+    "phi4-siglip)",
+}
+#: Where one architecture's reason differs from its format's.
+ARCHITECTURE_SUPPORT: dict[tuple[str, str], str] = {
+    ("mlx", "Phi4ForCausalLMV"): "mlx-vlm 0.7.10 has a model for it (phi4_siglip), but needs transformers>=5.14: "
+    "an environment of its own (478 MB), which hubquant does not build for MLX yet"
 }
 
 #: The parts, in the order they are reported.
@@ -115,9 +121,8 @@ def _routes(architecture: str) -> str:
 def format_refusal(fmt: str, name: str, architecture: str, carriers: list[str]) -> UnsupportedModelError:
     """The error of a variant whose format cannot carry a vision model with its picture encoder;
     ``carriers`` are the formats that can."""
-    why = FORMAT_SUPPORT.get(fmt, f"hubquant's {fmt} exporter builds text models only").format(
-        architecture=architecture
-    )
+    default = FORMAT_SUPPORT.get(fmt, f"hubquant's {fmt} exporter builds text models only")
+    why = ARCHITECTURE_SUPPORT.get((fmt, architecture), default).format(architecture=architecture)
     return UnsupportedModelError(
         f"{fmt} cannot carry {name} ({architecture}) with its vision encoder: {why}",
         path=name,

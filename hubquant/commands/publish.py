@@ -248,6 +248,18 @@ def _matrix(recipe: Any, *, per_variant: bool) -> list[dict[str, Any]]:
     ]
 
 
+def _refusals(recipe: Any) -> dict[str, str]:
+    """Formats that would refuse a local source (a vision model's picture encoder they cannot carry), and why."""
+    from hubquant.exporters import get_exporter
+    from hubquant.source import resolve_source
+
+    if not Path(recipe.source).exists():
+        return {}  # a Hub source: its config is read when the run downloads it
+    source = resolve_source(recipe.source)
+    refused = {fmt: get_exporter(fmt).refusal(source) for fmt in dict.fromkeys(s.format for s in recipe.variants)}
+    return {fmt: error.message for fmt, error in refused.items() if error is not None}
+
+
 def _print_plan(recipe: Any) -> None:
     """The variants, each with its estimated peak memory, extra disk and time class, against this machine."""
     import os
@@ -266,7 +278,11 @@ def _print_plan(recipe: Any) -> None:
         f"{human_size(free_memory)} memory available, {human_size(free_disk)} disk free"
     )
     click.echo(f"{'#':>3}  {'format':<9} {'precision':<10} {'memory':>10} {'with mapped':>12} {'disk':>10}  time")
+    refusals = _refusals(recipe)
     for index, spec in enumerate(recipe.variants):
+        if spec.format in refusals:
+            click.echo(f"{index:>3}  {spec.format:<9} {spec.precision:<10} refused: {refusals[spec.format]}")
+            continue
         found = estimate(shape, spec)
         options = " ".join(f"{k}={v}" for k, v in spec.options.items() if v not in (None, False))
         if found is None:
@@ -277,7 +293,7 @@ def _print_plan(recipe: Any) -> None:
             f"{index:>3}  {spec.format:<9} {spec.precision:<10} {human_size(found.memory):>10} "
             f"{human_size(found.rss):>12} {human_size(found.disk):>10}  {found.time_class}  {options}{over}"
         )
-    run = estimate_run(shape, recipe.variants)
+    run = estimate_run(shape, [spec for spec in recipe.variants if spec.format not in refusals])
     click.echo(
         f"run: peak memory {human_size(run.memory)} (with mapped weights {human_size(run.rss)}), peak extra disk "
         f"{human_size(run.disk)} (formats with the largest intermediates first), {run.time_class}"
