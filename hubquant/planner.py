@@ -36,6 +36,7 @@ import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubquant.display import count, human_size
@@ -179,7 +180,7 @@ def output_bytes(weight_bytes: int, fmt: str, precision: str) -> int:
 def meminfo(field: str) -> int | None:
     """One ``/proc/meminfo`` figure in bytes (``MemTotal``, ``MemAvailable``), None where it is absent."""
     try:
-        for line in open("/proc/meminfo").read().splitlines():  # noqa: SIM115 - a one-shot read
+        for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -330,7 +331,6 @@ def source_shape(source_id: str, revision: str | None = None) -> Shape:
     Raises:
         SourceError: the folder is not a usable checkpoint, or the Hub cannot say.
     """
-    from pathlib import Path
 
     from hubquant.errors import SourceError
     from hubquant.source import HUB_ID_PATTERN, resolve_source

@@ -11,13 +11,10 @@ The language model's weights are the tiny Phi-3's, bit for bit; the rest is seed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
-
-from hubquant.paths import cache_root
 
 #: Bump when the builder changes what it writes, so caches rebuild.
 MULTIMODAL_BUILDER_VERSION = 1
@@ -105,23 +102,6 @@ def add_multimodal(text_model: Path, output: Path, *, seed: int = 0) -> Path:
     if child.returncode != 0:
         raise SourceError(f"could not build the tiny Phi-4-multimodal: {child.reason()}", path=output)
     return output
-
-
-def tiny_phi4_multimodal(*, seed: int = 0, steps: int = 300) -> Path:
-    """Return a cached tiny ``Phi4MultimodalForCausalLM``, built on first use from the cached tiny Phi-3."""
-    from hubquant.tiny import BUILDER_VERSION, tiny_phi
-
-    text = tiny_phi("phi3", seed=seed, steps=steps)
-    key = f"{text.name}:{seed}:{BUILDER_VERSION}:{MULTIMODAL_BUILDER_VERSION}"
-    path = cache_root() / "tiny" / f"tiny-phi4-multimodal-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if not (path / "config.json").is_file():
-        if path.exists():
-            shutil.rmtree(path)
-        try:
-            add_multimodal(text, path, seed=seed)
-        except FileExistsError:
-            pass  # another process finished it first
-    return path
 
 
 if __name__ == "__main__":

@@ -187,6 +187,33 @@ def missing(what: str) -> None:
     pytest.skip(what)
 
 
+def publish_dry_run(tmp: Path, shared_references: Path, source: Path, variants: list[dict], experiment: str) -> dict:
+    """``hubquant publish --dry-run`` of ``source`` in ``tmp``, with a cache of its own, for a module's fixture
+    (which runs before each test's own isolation): its exit code, output and folder."""
+    import json
+
+    with pytest.MonkeyPatch.context() as env:
+        env.chdir(tmp)
+        (tmp / "cache").mkdir()
+        (tmp / "cache" / "reference").symlink_to(shared_references, target_is_directory=True)
+        env.setenv("HUBQUANT_CACHE", str(tmp / "cache"))
+        env.setenv("HF_HUB_OFFLINE", "1")
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        recipe = {
+            "source": str(source),
+            "output": str(tmp / "out"),
+            "variants": variants,
+            "eval": {"context": 64, "max_windows": 3, "prompt_tokens": 16, "gen_tokens": 4},
+            "hub": {"namespace": "ns"},
+        }
+        (tmp / "recipe.yaml").write_text(json.dumps(recipe))
+        stage = str(tmp / "stage")
+        code, out, err = run_cli(
+            "publish", str(tmp / "recipe.yaml"), "--dry-run", "--stage-dir", stage, "--experiment", experiment
+        )
+    return {"code": code, "out": out, "err": err, "tmp": tmp}
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run ``hubquant`` in-process through its real entry point; return (exit code, stdout, stderr)."""
     import contextlib

@@ -7,7 +7,6 @@ tiny size, so the part counts can be checked exactly."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from safetensors.numpy import save_file
 
 from hubquant.vision import BUILT_VISION, PARTS, part_of, parts
 
-from conftest import run_cli
+from conftest import publish_dry_run, run_cli
 
 #: architecture → (model_type, {tensor name: shape}) with each checkpoint's real names.
 CHECKPOINTS = {
@@ -153,44 +152,17 @@ def test_publish_dry_run_refuses_a_vision_source_the_same_way(tmp_path: Path) ->
 
 # -- Phi4ForCausalLMV through GGUF: the language model plus its mmproj, read by llama.cpp's mtmd ------------------
 @pytest.fixture(scope="module")
-def vision_publish(
-    tiny_phi4_vision: Path, tmp_path_factory: pytest.TempPathFactory, shared_references: Path
-) -> Iterator[dict]:
+def vision_publish(tiny_phi4_vision: Path, tmp_path_factory: pytest.TempPathFactory, shared_references: Path) -> dict:
     """One dry-run publish of the tiny Phi4ForCausalLMV: two GGUF variants and one of each other format."""
+    variants = [
+        {"format": "gguf", "precision": "Q4_K_M"},
+        {"format": "gguf", "precision": "F16"},
+        {"format": "onnx", "precision": "int4"},
+        {"format": "openvino", "precision": "int8"},
+        {"format": "mlx", "precision": "4bit"},
+    ]
     tmp = tmp_path_factory.mktemp("vision-publish")
-    with pytest.MonkeyPatch.context() as env:  # a module's fixture runs before each test's own isolation
-        env.chdir(tmp)
-        (tmp / "cache").mkdir()
-        (tmp / "cache" / "reference").symlink_to(shared_references, target_is_directory=True)
-        env.setenv("HUBQUANT_CACHE", str(tmp / "cache"))
-        env.setenv("HF_HUB_OFFLINE", "1")
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield _publish(tiny_phi4_vision, tmp)
-
-
-def _publish(tiny_phi4_vision: Path, tmp: Path) -> dict:
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(
-        json.dumps(
-            {
-                "source": str(tiny_phi4_vision),
-                "output": str(tmp / "out"),
-                "variants": [
-                    {"format": "gguf", "precision": "Q4_K_M"},
-                    {"format": "gguf", "precision": "F16"},
-                    {"format": "onnx", "precision": "int4"},
-                    {"format": "openvino", "precision": "int8"},
-                    {"format": "mlx", "precision": "4bit"},
-                ],
-                "eval": {"context": 64, "max_windows": 3, "prompt_tokens": 16, "gen_tokens": 4},
-                "hub": {"namespace": "ns"},
-            }
-        )
-    )
-    code, out, err = run_cli(
-        "publish", str(recipe), "--dry-run", "--stage-dir", str(tmp / "stage"), "--experiment", "vision"
-    )
-    return {"code": code, "out": out, "err": err, "tmp": tmp}
+    return publish_dry_run(tmp, shared_references, tiny_phi4_vision, variants, "vision")
 
 
 def test_a_phi4_vision_source_is_read_with_its_parts(tiny_phi4_vision: Path) -> None:

@@ -6,50 +6,27 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import publish_dry_run, run_cli
 
 
 @pytest.fixture(scope="module")
 def multimodal_publish(
     tiny_phi4_multimodal: Path, tmp_path_factory: pytest.TempPathFactory, shared_references: Path
-) -> Iterator[dict]:
+) -> dict:
     """One dry-run publish: OpenVINO int4 (cookbook settings) and fp32, and a GGUF and an MLX variant to refuse."""
+    variants = [
+        {"format": "openvino", "precision": "int4"},
+        {"format": "openvino", "precision": "fp32"},
+        {"format": "gguf", "precision": "Q4_K_M"},
+        {"format": "mlx", "precision": "4bit"},
+    ]
     tmp = tmp_path_factory.mktemp("multimodal-publish")
-    with pytest.MonkeyPatch.context() as env:  # a module's fixture runs before each test's own isolation
-        env.chdir(tmp)
-        (tmp / "cache").mkdir()
-        (tmp / "cache" / "reference").symlink_to(shared_references, target_is_directory=True)
-        env.setenv("HUBQUANT_CACHE", str(tmp / "cache"))
-        env.setenv("HF_HUB_OFFLINE", "1")
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        recipe = tmp / "recipe.yaml"
-        recipe.write_text(
-            json.dumps(
-                {
-                    "source": str(tiny_phi4_multimodal),
-                    "output": str(tmp / "out"),
-                    "variants": [
-                        {"format": "openvino", "precision": "int4"},
-                        {"format": "openvino", "precision": "fp32"},
-                        {"format": "gguf", "precision": "Q4_K_M"},
-                        {"format": "mlx", "precision": "4bit"},
-                    ],
-                    "eval": {"context": 64, "max_windows": 3, "prompt_tokens": 16, "gen_tokens": 4},
-                    "hub": {"namespace": "ns"},
-                }
-            )
-        )
-        code, out, err = run_cli(
-            "publish", str(recipe), "--dry-run", "--stage-dir", str(tmp / "stage"), "--experiment", "multimodal"
-        )
-        (tmp / "publish.log").write_text(out + err)
-        yield {"code": code, "out": out, "err": err, "tmp": tmp}
+    return publish_dry_run(tmp, shared_references, tiny_phi4_multimodal, variants, "multimodal")
 
 
 def test_a_native_phi4_multimodal_source_is_read_with_its_parts(tiny_phi4_multimodal: Path) -> None:

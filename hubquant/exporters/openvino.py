@@ -33,7 +33,7 @@ from pydantic import Field
 from hubquant.child import ChildResult, python_module, run_child
 from hubquant.errors import ExportError, MissingDependencyError, RecipeError
 from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Progress, Runner
-from hubquant.exporters.openvino_vision import INFERENCE_PRECISION  # one value for the text and vision readers
+from hubquant.exporters.openvino_vision import INFERENCE_PRECISION, decoder_feed  # shared with the vision reader
 
 if TYPE_CHECKING:
     import numpy as np
@@ -446,14 +446,7 @@ class OpenVINORunner(Runner):
             self._length = 0
         new = np.asarray([list(ids)], dtype=np.int64)
         total = self._length + new.shape[1]
-        feed = {"input_ids": new}
-        if "attention_mask" in self._inputs:
-            feed["attention_mask"] = np.ones((1, total), dtype=np.int64)
-        if "position_ids" in self._inputs:
-            feed["position_ids"] = np.arange(self._length, total, dtype=np.int64)[None, :]
-        if "beam_idx" in self._inputs:
-            feed["beam_idx"] = np.zeros(1, dtype=np.int32)
-        self._request.infer(feed)
+        self._request.infer({"input_ids": new, **decoder_feed(self._inputs, self._length, total)})
         self._length = total
         return self._request.get_tensor("logits").data[0]
 

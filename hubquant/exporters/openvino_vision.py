@@ -39,6 +39,21 @@ LANGUAGE, TEXT_EMBEDDINGS = "openvino_language_model.xml", "openvino_text_embedd
 VISION_EMBEDDINGS, VISION_PROJECTION = "openvino_vision_embeddings_model.xml", "openvino_vision_projection_model.xml"
 
 
+def decoder_feed(inputs: set[str], start: int, total: int) -> dict[str, Any]:
+    """What an optimum-intel stateful decoder takes beside its tokens or embeddings, for positions
+    ``start`` … ``total - 1`` after ``start`` already in its state (as ``OVModelForCausalLM`` feeds it)."""
+    import numpy as np
+
+    feed: dict[str, Any] = {}
+    if "attention_mask" in inputs:
+        feed["attention_mask"] = np.ones((1, total), dtype=np.int64)
+    if "position_ids" in inputs:
+        feed["position_ids"] = np.arange(start, total, dtype=np.int64)[None, :]
+    if "beam_idx" in inputs:
+        feed["beam_idx"] = np.zeros(1, dtype=np.int32)
+    return feed
+
+
 def is_vision_folder(path: Path) -> bool:
     return (path / LANGUAGE).is_file()
 
@@ -114,20 +129,12 @@ class _Compiled:
 
     def forward(self, embeds: np.ndarray, *, fresh: bool) -> np.ndarray:
         """Logits after feeding ``embeds`` ``[1, n, hidden]`` (from an empty state when ``fresh``)."""
-        import numpy as np
 
         if fresh:
             self.language.reset_state()
             self.length = 0
         total = self.length + embeds.shape[1]
-        feed: dict[str, Any] = {"inputs_embeds": embeds}
-        if "attention_mask" in self.inputs:
-            feed["attention_mask"] = np.ones((1, total), dtype=np.int64)
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.arange(self.length, total, dtype=np.int64)[None, :]
-        if "beam_idx" in self.inputs:
-            feed["beam_idx"] = np.zeros(1, dtype=np.int32)
-        self.language.infer(feed)
+        self.language.infer({"inputs_embeds": embeds, **decoder_feed(self.inputs, self.length, total)})
         self.length = total
         return self.language.get_tensor("logits").data[0]
 
