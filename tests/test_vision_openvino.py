@@ -73,6 +73,26 @@ def test_openvino_builds_the_model_set_and_the_other_formats_refuse(multimodal_p
     assert size < (out / "openvino-fp32" / "openvino_language_model.bin").stat().st_size / 3
 
 
+def test_vision_weights_unquantized_leaves_the_encoders_in_float(multimodal_publish: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from hubquant.exporters.openvino_vision_worker import compress_folder, settings_of
+
+    folder = tmp_path / "variant"
+    shutil.copytree(multimodal_publish["tmp"] / "out" / "openvino-fp32", folder)
+    settings = settings_of("int4", {"vision_weights": "unquantized"})
+    assert settings == {"bits": 4, "sym": True, "group_size": 64, "ratio": 0.6, "vision_weights": "unquantized"}
+    compress_folder(folder, settings)
+    text = {xml.stem: xml.read_text() for xml in folder.glob("openvino_*_model.xml")}
+    assert 'element_type="i4"' in text["openvino_language_model"]
+    assert 'element_type="u8"' in text["openvino_text_embeddings_model"], "the token embeddings follow optimum-intel"
+    encoders = ("openvino_vision_embeddings_model", "openvino_vision_projection_model", "openvino_audio_encoder_model")
+    for name in encoders:
+        assert 'element_type="u8"' not in text[name] and 'element_type="i4"' not in text[name], name
+    with pytest.raises(ValueError, match="option awq is not built for vision models"):
+        settings_of("int4", {"awq": True})
+
+
 def test_hubquants_reader_gives_optimum_intels_logits(multimodal_publish: dict, vision_env: Path) -> None:
     """The picture reader feeds the IRs as OVModelForVisualCausalLM does: the same logits, to rounding."""
     from hubquant.exporters.openvino_vision import OpenVINOVisionReader

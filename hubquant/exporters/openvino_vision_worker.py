@@ -5,9 +5,9 @@
 ``OVModelForVisualCausalLM`` load (language model, text embeddings, vision embeddings and projection, the
 audio parts, tokenizer and detokenizer). fp16/fp32 variants are that export; int4/int8 variants start
 from one fp32 export and NNCF compresses each IR data-free: the language model at the variant's precision
-(int4: the Phi cookbook's INT4_SYM, group 64, ratio 0.6 unless the recipe sets group_size/sym/ratio), every
-other model at INT8_ASYM as optimum-intel does for vision models (``vision_weights=unquantized`` keeps them
-at fp32).
+(int4: the Phi cookbook's INT4_SYM, group 64, ratio 0.6 unless the recipe sets group_size/sym/ratio), the
+token embeddings and the picture and audio encoders at INT8_ASYM as optimum-intel does for vision models
+(``vision_weights=unquantized`` keeps the encoders at fp32).
 
 ``reference``: the PyTorch model reads every built-in picture (:mod:`hubquant.phi4mm_inputs`) and keeps
 its answer logits, the reference the OpenVINO floor is scored against. It runs with eager attention:
@@ -31,7 +31,7 @@ from hubquant.child import hand_back, release_memory, say
 from hubquant.faults import checkpoint
 
 TASK = "image-text-to-text"
-LANGUAGE = "openvino_language_model"
+LANGUAGE, TEXT_EMBEDDINGS = "openvino_language_model", "openvino_text_embeddings_model"
 #: int4 settings of the Phi cookbook's OpenVINO recipe for the vision models.
 COOKBOOK_INT4 = {"sym": True, "group_size": 64, "ratio": 0.6}
 #: Options of the text route the vision route does not take (yet).
@@ -78,8 +78,8 @@ def compress_folder(folder: Path, settings: dict[str, Any]) -> None:
             else:
                 mode = nncf.CompressWeightsMode.INT4_SYM if settings["sym"] else nncf.CompressWeightsMode.INT4_ASYM
                 arguments = {"mode": mode, "group_size": settings["group_size"], "ratio": settings["ratio"]}
-        elif settings["vision_weights"] == "int8":
-            arguments = {"mode": nncf.CompressWeightsMode.INT8_ASYM}
+        elif settings["vision_weights"] == "int8" or xml.stem == TEXT_EMBEDDINGS:
+            arguments = {"mode": nncf.CompressWeightsMode.INT8_ASYM}  # the token embeddings: int8, as optimum-intel
         else:
             continue
         model = nncf.compress_weights(core.read_model(xml), **arguments)
