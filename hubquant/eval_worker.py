@@ -200,7 +200,14 @@ def run_worker(job: dict[str, Any], work: Path) -> dict[str, Any]:
     spec_path = work / f"job-{time.perf_counter_ns()}.json"
     result_path = spec_path.with_suffix(".result.json")
     spec_path.write_text(json.dumps({**job, "result": str(result_path)}))
-    child = run_child(python_module("hubquant.eval_worker", str(spec_path)), name=f"eval {job.get('label')}")
+    command = python_module("hubquant.eval_worker", str(spec_path))
+    if job.get("artifact"):  # a runtime that cannot be imported here is measured in its own environment
+        from hubquant.artifact import load_artifact
+        from hubquant.exporters import get_exporter
+
+        artifact = load_artifact(job["artifact"])
+        command[0] = get_exporter(artifact.format).worker_python(artifact) or command[0]
+    child = run_child(command, name=f"eval {job.get('label')}")
     if child.returncode != 0 or not result_path.is_file():
         tail = " / ".join(child.tail[-3:]) or "no output"
         if child.killed:

@@ -6,7 +6,7 @@ the tower and projector to an ``mmproj`` GGUF. Its checkpoint holds only a confi
 tensors — no remote code — so a tiny one is written here offline:
 
 - ``config.json``: the text model's Phi-3 config with ``architectures: [Phi4ForCausalLMV]``, ``model_type:
-  phi4-siglip`` and the projector keys, as the real checkpoints have them, and a
+  phi4-siglip``, the tower's name and the projector keys, as the real checkpoints have them, and a
   ``vision_config`` (SigLIP2: hidden 64, 2 layers, 2 heads, patch 4, an 8×8 grid of position embeddings);
 - ``preprocessor_config.json``: the patch size and the smallest and largest number of patches;
 - the tensors ``model.vision_tower.vision_tower.vision_model.*`` (the patch embedding a Linear over
@@ -29,7 +29,7 @@ from hubquant.paths import cache_root
 #: SigLIP2 tower of the tiny model: hidden, FFN, layers, heads, patch side, side of the position grid.
 HIDDEN, FFN, LAYERS, HEADS, PATCH, GRID = 64, 128, 2, 2, 4, 8
 #: Bump when the builder changes what it writes, so caches rebuild.
-VISION_BUILDER_VERSION = 2
+VISION_BUILDER_VERSION = 3
 
 PREFIX = "model.vision_tower.vision_tower.vision_model."
 
@@ -89,10 +89,11 @@ def add_vision_tower(text_model: str | Path, output: str | Path, *, seed: int = 
             if item.is_file():
                 shutil.copy2(item, folder / item.name)
         config = json.loads((folder / "config.json").read_text())
-        # The real checkpoints' model_type and projector keys (what mlx-vlm's phi4_siglip reads too).
+        # The real checkpoints' keys, which mlx-vlm's phi4_siglip reads too (a NaFlex tower: pictures as patches).
         config.update(
             architectures=["Phi4ForCausalLMV"],
             model_type="phi4-siglip",
+            mm_vision_tower="google/siglip2-so400m-patch16-naflex",
             mm_hidden_size=HIDDEN,
             mm_projector_type="mlp2x_gelu",
             min_num_patches=16,

@@ -3,7 +3,8 @@ their picture encoder, and refused elsewhere with what each format's tools can d
 
 ``Phi4ForCausalLMV`` is built as GGUF: its language model is a Phi-3, and llama.cpp's converter writes it as
 a language-model GGUF plus an ``mmproj`` GGUF that llama.cpp's ``mtmd`` runs on pictures
-(:mod:`hubquant.exporters.gguf_vision`). transformers' native ``Phi4MultimodalForCausalLM`` is built as
+(:mod:`hubquant.exporters.gguf_vision`); and as MLX, converted and read by mlx-vlm in an environment of its
+own (:mod:`hubquant.exporters.mlx_vision`). transformers' native ``Phi4MultimodalForCausalLM`` is built as
 OpenVINO, exported by optimum-intel in an environment of its own (:mod:`hubquant.exporters.openvino_vision`).
 Each is refused per variant by the formats that cannot carry it, saying why. The remote-code vision
 architectures (``phi3_v``, ``phi4mm``) are refused before any work, with their parts and the route per format.
@@ -57,10 +58,7 @@ FORMAT_SUPPORT: dict[str, str] = {
     "phi4-siglip)",
 }
 #: Where one architecture's reason differs from its format's.
-ARCHITECTURE_SUPPORT: dict[tuple[str, str], str] = {
-    ("mlx", "Phi4ForCausalLMV"): "mlx-vlm 0.7.10 has a model for it (phi4_siglip), but needs transformers>=5.14: "
-    "an environment of its own (478 MB), which hubquant does not build for MLX yet"
-}
+ARCHITECTURE_SUPPORT: dict[tuple[str, str], str] = {}
 
 #: The parts, in the order they are reported.
 PARTS = ("language model", "LoRA adapters", "vision encoder", "vision projector", "audio encoder", "audio projector")
@@ -137,8 +135,8 @@ def vision_refusal(name: str, config: Mapping[str, Any], headers: Iterable[Mappi
     sizes = ", ".join(f"{part} {count(n)}" for part, n in parts(headers).items())
     return UnsupportedModelError(
         f"{name} is a {label} model ({architecture}, '{config.get('model_type') or model_type}'; parameters: "
-        f"{sizes}); of the vision models, hubquant builds Phi-4 with a SigLIP2 tower (Phi4ForCausalLMV, as GGUF) "
-        "and transformers' Phi-4-multimodal (Phi4MultimodalForCausalLM, as OpenVINO) so far",
+        f"{sizes}); of the vision models, hubquant builds Phi-4 with a SigLIP2 tower (Phi4ForCausalLMV, as GGUF "
+        "and MLX) and transformers' Phi-4-multimodal (Phi4MultimodalForCausalLM, as OpenVINO) so far",
         path=name,
         hint=_routes(architecture),
     )

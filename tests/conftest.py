@@ -111,9 +111,9 @@ def tiny_phi4mini(model_store: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_phi4_vision(model_store: Path, tiny_phi3: Path) -> Path:
     """The trained tiny Phi-3 with a (random) SigLIP2 tower and projector: a tiny ``Phi4ForCausalLMV``."""
-    from hubquant.tiny_vision import add_vision_tower
+    from hubquant.tiny_vision import VISION_BUILDER_VERSION, add_vision_tower
 
-    path = model_store / "tiny-phi4-vision"
+    path = model_store / f"vision-v{VISION_BUILDER_VERSION}" / "tiny-phi4-vision"  # the name files are named by
     if not (path / "config.json").is_file():
         if path.exists():
             shutil.rmtree(path)
@@ -134,6 +134,21 @@ def vision_env(model_store: Path) -> Iterator[Path]:
     finally:
         if before is None:
             os.environ.pop("HUBQUANT_VISION_ENV", None)
+
+
+@pytest.fixture(scope="session")
+def mlx_vision_env(model_store: Path) -> Iterator[Path]:
+    """The MLX vision environment (transformers 5.14.1, mlx-vlm 0.7.10), made once per session: where
+    ``HUBQUANT_MLX_VISION_ENV`` already points (``.ci/run`` makes it ahead), else in the model store."""
+    from hubquant.vision_env import MLX, ensure_env
+
+    before = os.environ.get(MLX.variable)
+    os.environ[MLX.variable] = before or str(model_store / "mlx-vision-env")
+    try:
+        yield ensure_env(env=MLX)
+    finally:
+        if before is None:
+            os.environ.pop(MLX.variable, None)
 
 
 @pytest.fixture(scope="session")

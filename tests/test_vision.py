@@ -7,6 +7,7 @@ tiny size, so the part counts can be checked exactly."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,7 @@ def test_a_vision_checkpoint_is_refused_with_its_parts_and_the_route_per_format(
     if architecture == "Phi3VForCausalLM":
         assert "parameters: language model 1,216, vision encoder 72, vision projector 160)" in err, err
         assert "--task image-text-to-text --trust-remote-code" in err and "run by openvino-genai's VLMPipeline" in err
-    assert "hubquant builds Phi-4 with a SigLIP2 tower (Phi4ForCausalLMV, as GGUF) and transformers' " in err
+    assert "hubquant builds Phi-4 with a SigLIP2 tower (Phi4ForCausalLMV, as GGUF and MLX) and transformers' " in err
     assert "supports the Microsoft Phi family only" not in err
     assert "VLMPipeline" in err and "mlx-vlm" in err
     assert "onnxruntime-genai's builder makes the text decoder only" in err
@@ -152,7 +153,9 @@ def test_publish_dry_run_refuses_a_vision_source_the_same_way(tmp_path: Path) ->
 
 # -- Phi4ForCausalLMV through GGUF: the language model plus its mmproj, read by llama.cpp's mtmd ------------------
 @pytest.fixture(scope="module")
-def vision_publish(tiny_phi4_vision: Path, tmp_path_factory: pytest.TempPathFactory, shared_references: Path) -> dict:
+def vision_publish(
+    tiny_phi4_vision: Path, tmp_path_factory: pytest.TempPathFactory, shared_references: Path, mlx_vision_env: Path
+) -> dict:
     """One dry-run publish of the tiny Phi4ForCausalLMV: two GGUF variants and one of each other format."""
     variants = [
         {"format": "gguf", "precision": "Q4_K_M"},
@@ -179,17 +182,13 @@ def test_a_phi4_vision_source_is_read_with_its_parts(tiny_phi4_vision: Path) -> 
     assert source.facts()["vision_parts"] == source.vision_parts
 
 
-def test_gguf_carries_the_picture_encoder_and_the_other_formats_refuse(vision_publish: dict) -> None:
+def test_gguf_and_mlx_carry_the_picture_encoder_and_the_other_formats_refuse(vision_publish: dict) -> None:
     code, err, out = vision_publish["code"], vision_publish["err"], vision_publish["tmp"] / "out"
     assert code == 1 and "Traceback" not in err, err  # the refused variants are failures; the rest is published
-    for fmt, why in (
-        ("onnx", "builder makes the text decoder only"),
-        ("openvino", "not Phi4ForCausalLMV"),
-        ("mlx", "mlx-vlm 0.7.10 has a model for it (phi4_siglip), but needs transformers>=5.14"),
-    ):
+    for fmt, why in (("onnx", "builder makes the text decoder only"), ("openvino", "not Phi4ForCausalLMV")):
         assert f"{fmt} cannot carry tiny-phi4-vision (Phi4ForCausalLMV) with its vision encoder" in err, err
-        assert why in err
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["gguf-F16", "gguf-Q4_K_M"]
+        assert why in err, err
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["gguf-F16", "gguf-Q4_K_M", "mlx-4bit-g64"]
     manifest = json.loads((out / "gguf-Q4_K_M" / "manifest.json").read_text())
     roles = {entry["path"]: entry["role"] for entry in manifest["files"]}
     assert roles == {
@@ -258,7 +257,7 @@ def test_the_picture_figures_are_measured_tracked_and_carded(vision_publish: dic
     metrics = {run.data.tags.get("hubquant.precision"): run.data.metrics for run in runs}
     assert metrics["Q4_K_M"]["image.F16.quant_kl_mean"] == pytest.approx(scores["F16"]["quant_kl_mean"])
     failed = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FAILED'")
-    assert {run.data.tags.get("hubquant.format") for run in failed} == {"onnx", "openvino", "mlx"}
+    assert {run.data.tags.get("hubquant.format") for run in failed} == {"onnx", "openvino"}
     staged = tmp / "stage" / "ns" / "tiny-phi4-vision-GGUF" / "files"
     assert sorted(p.name for p in staged.glob("*.gguf")) == [
         "mmproj-tiny-phi4-vision-F16.gguf",
@@ -272,6 +271,78 @@ def test_the_picture_figures_are_measured_tracked_and_carded(vision_publish: dic
     assert "--mmproj mmproj-tiny-phi4-vision-F16.gguf --image" in card and "llama-mtmd-cli" in card
     assert "vision encoder 74,304" in card
     assert not (tmp / "stage" / "ns" / "tiny-phi4-vision-ONNX").exists()
+
+
+# -- Phi4ForCausalLMV through MLX: converted and read by mlx-vlm in the mlx-vision environment ------------------
+def test_mlx_builds_the_vision_model_with_mlx_vlm_and_scores_its_pictures(vision_publish: dict) -> None:
+    tmp = vision_publish["tmp"]
+    folder = tmp / "out" / "mlx-4bit-g64"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["settings"]["vision_weights"] == "fp16", "mlx-vlm keeps the tower unquantized, at 16 bits"
+    assert any("keeps the vision tower and projector unquantized (fp16)" in w for w in manifest["warnings"])
+    config = json.loads((folder / "config.json").read_text())
+    # the staged config mlx-vlm converted from: the language model's own keys, the rope base it reads
+    assert config["text_config"]["num_hidden_layers"] == 2 and config["text_config"]["rope_theta"] == 10000.0
+    evaluation = json.loads((folder / "eval.json").read_text())
+    assert evaluation["fidelity"]["kl_mean"] < 1e-6, "MLX's fp32 floor computes the original's text logits"
+    (score,) = evaluation["image"]["scores"]
+    assert score["projector"] == "fp16" and evaluation["image"]["prompts"] == 4
+    assert 0 < score["quant_kl_mean_stderr"] < score["quant_kl_mean"] and score["image_effect_kl"] > 0
+    assert 0.5 < score["quant_top1_agreement"] <= 1
+    assert "MLX's own unquantized form (fp32 with the fp32 picture encoder)" in evaluation["image"]["baseline"]
+    card = (tmp / "stage" / "ns" / "tiny-phi4-vision-4bit" / "files" / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "mlx_vlm.generate --model ns/tiny-phi4-vision-4bit" in card
+    assert "### Reading pictures" in card
+
+
+def test_the_mlx_variant_answers_about_a_picture_in_mlx_vlm(vision_publish: dict, mlx_vision_env: Path) -> None:
+    script = """
+import sys
+from pathlib import Path
+from hubquant.exporters.mlx_vision import MLXVisionReader
+from hubquant.images import IMAGE_PROMPTS
+from hubquant.stats import kl_divergence
+reader = MLXVisionReader(Path(sys.argv[1]))
+first, second = IMAGE_PROMPTS[0], IMAGE_PROMPTS[1]
+answer = reader.answer_logits(first.question, first.answer, first.pixels())
+other = reader.answer_logits(first.question, first.answer, second.pixels())
+assert answer.ndim == 2 and answer.shape[0] >= 5 and (answer == answer).all(), answer.shape
+assert kl_divergence(answer, other).mean() > 1e-5, "the picture moves the answer"
+print("ok")
+"""
+    folder = vision_publish["tmp"] / "out" / "mlx-4bit-g64"
+    done = subprocess.run([str(mlx_vision_env), "-c", script, str(folder)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_mlx_vlm_converts_a_completed_copy_of_the_config(tmp_path: Path) -> None:
+    from hubquant.errors import ExportError
+    from hubquant.exporters.mlx_vision import staged_source
+
+    source = tmp_path / "source"
+    source.mkdir()
+    config = {
+        "model_type": "phi4-siglip",
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+    }
+    (source / "config.json").write_text(json.dumps(config))
+    (source / "model.safetensors").write_bytes(b"weights")
+    staged = staged_source(source, tmp_path / "staged")
+    written = json.loads((staged / "config.json").read_text())
+    assert written["text_config"] == {
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "rope_theta": 10000.0,
+        "model_type": "phi4-siglip",
+    }, "mlx-vlm rebuilds the language model from text_config alone"
+    assert (staged / "model.safetensors").read_bytes() == b"weights"
+    assert json.loads((source / "config.json").read_text()) == config, "the user's folder is never written"
+    config["rope_parameters"] = {"rope_type": "longrope", "long_factor": [2.0], "short_factor": [1.0]}
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="applies no longrope rope scaling"):
+        staged_source(source, tmp_path / "again")
 
 
 def test_hubquant_tiny_builds_a_vision_checkpoint(tmp_path: Path) -> None:

@@ -177,10 +177,10 @@ def test_a_failed_environment_creation_says_why_and_leaves_nothing(
     from hubquant.errors import MissingDependencyError
 
     monkeypatch.setenv("HUBQUANT_VISION_ENV", str(tmp_path / "env"))
-    monkeypatch.setattr(vision_env, "PINS", (str(tmp_path / "no-such-package"),))
+    broken = vision_env.Environment("openvino-vision", (str(tmp_path / "no-such-package"),), "HUBQUANT_VISION_ENV")
     with pytest.raises(MissingDependencyError) as caught:
-        vision_env.ensure_env()
-    assert "could not create the OpenVINO vision environment: pip install" in caught.value.message
+        vision_env.ensure_env(env=broken)
+    assert "could not create the openvino-vision environment: pip install" in caught.value.message
     assert "HUBQUANT_VISION_ENV" in (caught.value.hint or "")
     assert list(tmp_path.iterdir()) == [], "the half-made environment is removed"
 

@@ -145,16 +145,18 @@ def quantize(
 
 
 @click.command()
-@click.argument("what", type=click.Choice(["openvino-vision"]))
+@click.argument("what", type=click.Choice(["openvino-vision", "mlx-vision"]))
 def setup(what: str) -> None:
     """Create an environment a route needs ahead of time (hubquant otherwise creates it on first need).
 
     openvino-vision: transformers 4.53.3 beside hubquant's packages, for Phi-4-multimodal's OpenVINO export.
+    mlx-vision: transformers 5.14.1 and mlx-vlm 0.7.10, for Phi-4 with SigLIP2 as MLX.
     """
-    from hubquant.vision_env import PINS, ensure_env, env_size
+    from hubquant.vision_env import ENVIRONMENTS, ensure_env, env_size
 
-    python = ensure_env(lambda line: click.echo(line, err=True))
-    click.echo(f"{python.parent.parent} ({', '.join(PINS)}; {env_size(python.parent.parent) / 1e6:.0f} MB)")
+    env = ENVIRONMENTS[what]
+    python = ensure_env(lambda line: click.echo(line, err=True), env)
+    click.echo(f"{python.parent.parent} ({', '.join(env.pins)}; {env_size(python.parent.parent) / 1e6:.0f} MB)")
 
 
 @click.command()
@@ -172,7 +174,7 @@ def setup(what: str) -> None:
     "--vision",
     is_flag=True,
     help="A Phi-4-with-SigLIP2-shaped vision model (Phi4ForCausalLMV): the tiny Phi-3 plus a random vision "
-    "tower and projector, which GGUF builds with its mmproj.",
+    "tower and projector, which GGUF builds with its mmproj and MLX through mlx-vlm.",
 )
 @click.option(
     "--multimodal",

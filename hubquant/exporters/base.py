@@ -290,6 +290,12 @@ class Exporter(ABC):
         raise NotImplementedError(f"{self.name} reads no pictures")
 
     @classmethod
+    def worker_python(cls, artifact: Artifact) -> str | None:
+        """The Python the evaluation worker measures the artifact with, where its runtime cannot be imported
+        beside hubquant's packages (None: hubquant's own)."""
+        return None
+
+    @classmethod
     def check_runnable(cls, artifact: Artifact) -> None:
         """Raise when this machine cannot run the artifact (e.g. built for a GPU target)."""
 

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from hubquant.errors import ExportError, MissingDependencyError, RecipeError
 from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Intermediates, Progress, Runner
+from hubquant.exporters.mlx_keys import MLX_PRECISIONS, mlx_rope_keys
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,23 +38,6 @@ if TYPE_CHECKING:
     from hubquant.source import SourceModel
 
 log = logging.getLogger(__name__)
-
-#: precision → (bits or None for a float dtype, float dtype name, mixed recipe or None)
-MLX_PRECISIONS: dict[str, tuple[int | None, str | None, str | None]] = {
-    "fp32": (None, "float32", None),
-    "fp16": (None, "float16", None),
-    "bf16": (None, "bfloat16", None),
-    "8bit": (8, None, None),
-    "6bit": (6, None, None),
-    "5bit": (5, None, None),
-    "4bit": (4, None, None),
-    "3bit": (3, None, None),
-    "2bit": (2, None, None),
-    "mixed_2_6": (2, None, "mixed_2_6"),
-    "mixed_3_4": (3, None, "mixed_3_4"),
-    "mixed_3_6": (3, None, "mixed_3_6"),
-    "mixed_4_6": (4, None, "mixed_4_6"),
-}
 
 
 class MLXOptions(ExporterOptions):
@@ -98,6 +82,8 @@ class MLXExporter(Exporter):
     floor_bytes_per_parameter = 4.4  # fp32 weights plus activations (estimated)
     writes_in_order = True  # mx.save_safetensors: header, then each tensor in order; the rest is small JSON
     plot_marker = "D"
+    vision_architectures = ("Phi4ForCausalLMV",)  # through mlx-vlm: see hubquant.exporters.mlx_vision
+    floor_projector = "fp32"
 
     @classmethod
     def check_combination(cls, precision: str, options: ExporterOptions) -> None:
@@ -130,6 +116,10 @@ class MLXExporter(Exporter):
 
     @classmethod
     def snippets(cls, plan: RepoPlan) -> str:
+        if plan.variants and plan.variants[0].artifact.manifest.source.vision_parts:
+            from hubquant.exporters.mlx_vision import VISION_SNIPPETS
+
+            return VISION_SNIPPETS.format(repo=plan.repo_id)
         return SNIPPETS.format(repo=plan.repo_id)
 
     @classmethod
@@ -156,6 +146,12 @@ class MLXExporter(Exporter):
         return []
 
     @classmethod
+    def tool_versions(cls) -> dict[str, str]:
+        from hubquant.vision_env import MLX
+
+        return {**super().tool_versions(), "mlx-vision-environment": " ".join(MLX.pins)}
+
+    @classmethod
     def check_installed(cls) -> None:
         super().check_installed()
         try:
@@ -168,6 +164,12 @@ class MLXExporter(Exporter):
             ) from None
 
     def export_one(self, source: SourceModel, job: ExportJob, *, shared: Intermediates, progress: Progress) -> None:
+        if source.is_vision:
+            from hubquant.exporters.mlx_vision import convert_vision
+
+            progress(f"mlx {job.precision}: converting with mlx_vlm.convert (mlx-vision environment)")
+            convert_vision(source, job, progress=progress)
+            return
         progress(f"mlx {job.precision}: converting with mlx_lm.convert")
         convert(
             source,
@@ -183,7 +185,32 @@ class MLXExporter(Exporter):
 
     def runner(self, artifact: Artifact, *, context_length: int) -> Runner:
         self.check_installed()
+        if artifact.manifest.source.vision_parts:
+            from hubquant.exporters.mlx_vision import MLXVisionRunner
+
+            return MLXVisionRunner(artifact.path)
         return MLXRunner(artifact.path)
+
+    @classmethod
+    def worker_python(cls, artifact: Artifact) -> str | None:
+        """A vision variant is measured in the mlx-vision environment, where mlx-vlm imports."""
+        if not artifact.manifest.source.vision_parts:
+            return None
+        from hubquant.vision_env import MLX, ensure_env
+
+        return str(ensure_env(env=MLX))
+
+    @classmethod
+    def image_projectors(cls, artifact: Artifact) -> list[str]:
+        """A vision variant reads pictures with the unquantized tower it holds, named by its float type."""
+        if not artifact.manifest.source.vision_parts:
+            return []
+        return [str((artifact.manifest.settings or {}).get("vision_weights") or "fp32")]
+
+    def image_reader(self, artifact: Artifact, projector: str) -> Any:
+        from hubquant.exporters.mlx_vision import MLXVisionReader
+
+        return MLXVisionReader(artifact.path)
 
 
 SNIPPETS = """mlx-lm:
@@ -198,26 +225,6 @@ from mlx_lm import load, generate
 model, tokenizer = load("{repo}")
 print(generate(model, tokenizer, prompt="Hello", max_tokens=64))
 ```"""
-
-
-def mlx_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
-    """The top-level rope keys mlx-lm's phi3 reads, from a transformers 5 ``rope_parameters``."""
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    keys: dict[str, Any] = {}
-    if "rope_theta" in rope and "rope_theta" not in config:
-        keys["rope_theta"] = rope["rope_theta"]
-    if "partial_rotary_factor" in rope and "partial_rotary_factor" not in config:
-        keys["partial_rotary_factor"] = rope["partial_rotary_factor"]
-    kind = rope.get("rope_type") or rope.get("type")
-    if kind in ("longrope", "su", "linear"):
-        scaling = {"type": kind}
-        for name in ("long_factor", "short_factor", "factor", "long_mscale", "short_mscale"):
-            if name in rope:
-                scaling[name] = rope[name]
-        keys["rope_scaling"] = scaling
-        if "original_max_position_embeddings" in rope and "original_max_position_embeddings" not in config:
-            keys["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
-    return keys
 
 
 def convert(
