@@ -65,6 +65,12 @@ def env_python(folder: Path) -> Path:
     return folder / "bin" / "python"
 
 
+def _interpreter() -> str:
+    """hubquant's Python, resolved: ``bin/python`` (``python -m pytest``) and ``bin/python3.11`` (the ``hubquant``
+    script) are one interpreter, and an environment made by one serves the other."""
+    return os.path.realpath(sys.executable)
+
+
 def _ready(folder: Path, env: Environment) -> bool:
     marker = folder / MARKER
     if not marker.is_file() or not env_python(folder).exists():
@@ -73,7 +79,7 @@ def _ready(folder: Path, env: Environment) -> bool:
         recorded = json.loads(marker.read_text())
     except ValueError:
         return False
-    return recorded.get("pins") == list(env.pins) and recorded.get("python") == sys.executable
+    return recorded.get("pins") == list(env.pins) and recorded.get("python") == _interpreter()
 
 
 def _run(command: list[str], what: str, env: Environment) -> None:
@@ -103,7 +109,7 @@ def ensure_env(say: object = None, env: Environment = OPENVINO) -> Path:
         install = ["install", "--quiet", *flags, *env.pins]
         pip = [sys.executable, "-m", "pip", "--python", str(env_python(staging))]
         _run([*pip, *install], "pip " + " ".join(install), env)
-        (staging / MARKER).write_text(json.dumps({"pins": list(env.pins), "python": sys.executable}) + "\n")
+        (staging / MARKER).write_text(json.dumps({"pins": list(env.pins), "python": _interpreter()}) + "\n")
         if folder.exists():  # stale (other pins) or left by another run that finished first
             if _ready(folder, env):
                 return env_python(folder)

@@ -185,6 +185,32 @@ def test_a_failed_environment_creation_says_why_and_leaves_nothing(
     assert list(tmp_path.iterdir()) == [], "the half-made environment is removed"
 
 
+def test_an_environment_made_by_one_name_of_the_interpreter_serves_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m pytest`` runs ``bin/python``, the ``hubquant`` script ``bin/python3.11``: one interpreter,
+    so an environment one made is not made again by the other."""
+    import sys
+
+    from hubquant import vision_env
+
+    real = Path(sys.executable).resolve()
+    alias = tmp_path / "python-alias"
+    alias.symlink_to(real)
+    folder = tmp_path / "env"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "python").symlink_to(real)
+    monkeypatch.setattr(sys, "executable", str(real))
+    marker = {"pins": list(vision_env.MLX.pins), "python": vision_env._interpreter()}
+    (folder / vision_env.MARKER).write_text(json.dumps(marker))
+    monkeypatch.setattr(sys, "executable", str(alias))
+    monkeypatch.setenv(vision_env.MLX.variable, str(folder))
+    assert vision_env.ensure_env(env=vision_env.MLX) == folder / "bin" / "python"
+    marker["pins"] = ["transformers==0.0.1"]
+    (folder / vision_env.MARKER).write_text(json.dumps(marker))
+    assert not vision_env._ready(folder, vision_env.MLX), "other pins: made again"
+
+
 def test_vision_weights_is_refused_for_a_text_model(tiny_phi3: Path, tmp_path: Path) -> None:
     code, _, err = run_cli(
         "quantize",
