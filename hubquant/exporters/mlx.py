@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,11 +27,9 @@ from pydantic import Field
 
 from hubquant.errors import ExportError, MissingDependencyError, RecipeError
 from hubquant.exporters.base import Exporter, ExporterOptions, ExportJob, Intermediates, Progress, Runner
-from hubquant.exporters.mlx_keys import MLX_PRECISIONS, mlx_rope_keys
+from hubquant.exporters.mlx_common import MLX_PRECISIONS, MLXRunner, mlx_rope_keys
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from hubquant.artifact import Artifact
     from hubquant.repos import RepoPlan
     from hubquant.source import SourceModel
@@ -293,40 +290,3 @@ def _write_rope_keys(output: Path, rope_factors: str, warnings: list[str]) -> No
     if keys:
         config.update(keys)
         config_path.write_text(json.dumps(config, indent=4) + "\n")
-
-
-class MLXRunner(Runner):
-    """mlx-lm's model, fed token ids directly."""
-
-    def __init__(self, path: Path) -> None:
-        import mlx.core as mx
-        from mlx_lm import load
-
-        self._mx = mx
-        self.model, self.tokenizer = load(str(path))
-        self._cache: Any = None
-
-    def logits(self, ids: Sequence[int]) -> "np.ndarray":
-        import numpy as np
-
-        mx = self._mx
-        out = self.model(mx.array([list(ids)]))[0].astype(mx.float32)
-        mx.eval(out)
-        return np.array(out, dtype=np.float32)
-
-    def prefill(self, ids: Sequence[int], *, room: int) -> int:
-        from mlx_lm.models.cache import make_prompt_cache
-
-        self._cache = make_prompt_cache(self.model)
-        return self._next(self._mx.array([list(ids)]))
-
-    def step(self, token: int) -> int:
-        return self._next(self._mx.array([[token]]))
-
-    def _next(self, ids: Any) -> int:
-        token = self._mx.argmax(self.model(ids, cache=self._cache)[0, -1])
-        self._mx.eval(token)
-        return int(token.item())
-
-    def close(self) -> None:
-        del self.model

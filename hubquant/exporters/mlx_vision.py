@@ -25,12 +25,11 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubquant.errors import ExportError
-from hubquant.exporters.runner import Runner
+from hubquant.exporters.mlx_common import MLX_PRECISIONS, MLXRunner, mlx_rope_keys
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,8 +58,6 @@ FLOAT_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 def vision_dtype(precision: str, source_dtype: str) -> str:
     """The float type of a variant's unquantized tensors (the vision tower and projector among them)."""
-    from hubquant.exporters.mlx_keys import MLX_PRECISIONS
-
     bits, dtype, _ = MLX_PRECISIONS[precision]
     if dtype is not None:
         return dtype
@@ -73,7 +70,6 @@ def staged_source(source: Path, staging: Path) -> Path:
     Raises:
         ExportError: the checkpoint uses long-rope scaling, which mlx-vlm's phi4_siglip does not apply.
     """
-    from hubquant.exporters.mlx_keys import mlx_rope_keys
 
     config = json.loads((source / "config.json").read_text())
     config.update(mlx_rope_keys(config))
@@ -98,7 +94,6 @@ def staged_source(source: Path, staging: Path) -> Path:
 def convert_vision(source: SourceModel, job: ExportJob, *, progress: Progress) -> None:
     """Convert one variant with ``mlx_vlm.convert`` in the mlx-vision environment, into ``job.folder``."""
     from hubquant.child import run_child
-    from hubquant.exporters.mlx_keys import MLX_PRECISIONS
     from hubquant.vision_env import MLX, ensure_env
 
     python = ensure_env(progress, MLX)
@@ -189,39 +184,23 @@ def image_processor(path: Path) -> Any:
     )
 
 
-class MLXVisionRunner(Runner):
-    """An MLX vision variant's language model on text (mlx-vlm's model, fed token ids)."""
+class MLXVisionRunner(MLXRunner):
+    """An MLX vision variant's language model on text (mlx-vlm's, fed token ids)."""
 
     def __init__(self, path: Path) -> None:
         import mlx.core as mx
 
         self._mx = mx
-        self._lm = _load(path).language_model
+        self.model = _load(path).language_model
         self._cache: Any = None
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        import numpy as np
+    def _forward(self, ids: Any, cache: Any) -> Any:
+        return self.model(ids, cache=cache).logits
 
-        out = self._lm(self._mx.array([list(ids)])).logits[0].astype(self._mx.float32)
-        self._mx.eval(out)
-        return np.array(out, dtype=np.float32)
-
-    def prefill(self, ids: Sequence[int], *, room: int) -> int:
+    def _new_cache(self) -> Any:
         from mlx_vlm.models.cache import make_prompt_cache
 
-        self._cache = make_prompt_cache(self._lm)
-        return self._next(self._mx.array([list(ids)]))
-
-    def step(self, token: int) -> int:
-        return self._next(self._mx.array([[token]]))
-
-    def _next(self, ids: Any) -> int:
-        token = self._mx.argmax(self._lm(ids, cache=self._cache).logits[0, -1])
-        self._mx.eval(token)
-        return int(token.item())
-
-    def close(self) -> None:
-        del self._lm
+        return make_prompt_cache(self.model)
 
 
 class MLXVisionReader:

@@ -1,9 +1,16 @@
 """What both MLX routes (mlx-lm for text, mlx-vlm for vision: :mod:`hubquant.exporters.mlx_vision`) share:
-the precisions and the rope keys MLX's Phi models read."""
+the precisions, the rope keys MLX's Phi models read, and the runner that feeds a model token ids."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hubquant.exporters.runner import Runner
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: precision → (bits or None for a float dtype, float dtype name, mixed recipe or None)
 MLX_PRECISIONS: dict[str, tuple[int | None, str | None, str | None]] = {
@@ -41,3 +48,47 @@ def mlx_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
         if "original_max_position_embeddings" in rope and "original_max_position_embeddings" not in config:
             keys["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
     return keys
+
+
+class MLXRunner(Runner):
+    """mlx-lm's model, fed token ids directly (mlx-vlm's language model: ``MLXVisionRunner``)."""
+
+    def __init__(self, path: Path) -> None:
+        import mlx.core as mx
+        from mlx_lm import load
+
+        self._mx = mx
+        self.model, self.tokenizer = load(str(path))
+        self._cache: Any = None
+
+    def _forward(self, ids: Any, cache: Any) -> Any:
+        """The logits ``[1, n, vocab]`` after ``ids`` ``[1, n]`` (on top of ``cache`` when given)."""
+        return self.model(ids, cache=cache)
+
+    def _new_cache(self) -> Any:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        import numpy as np
+
+        mx = self._mx
+        out = self._forward(mx.array([list(ids)]), None)[0].astype(mx.float32)
+        mx.eval(out)
+        return np.array(out, dtype=np.float32)
+
+    def prefill(self, ids: Sequence[int], *, room: int) -> int:
+        self._cache = self._new_cache()
+        return self._next(self._mx.array([list(ids)]))
+
+    def step(self, token: int) -> int:
+        return self._next(self._mx.array([[token]]))
+
+    def _next(self, ids: Any) -> int:
+        token = self._mx.argmax(self._forward(ids, self._cache)[0, -1])
+        self._mx.eval(token)
+        return int(token.item())
+
+    def close(self) -> None:
+        del self.model
