@@ -64,16 +64,14 @@ def vision_dtype(precision: str, source_dtype: str) -> str:
     return source_dtype if source_dtype in ("float16", "bfloat16") else "float16"
 
 
-def staged_source(source: Path, staging: Path) -> Path:
-    """The source as mlx-vlm must read it: every file linked, ``config.json`` completed (see the module text).
+def rope_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The top-level rope keys phi4_siglip reads, as for mlx-lm.
 
     Raises:
         ExportError: the checkpoint uses long-rope scaling, which mlx-vlm's phi4_siglip does not apply.
     """
-
-    config = json.loads((source / "config.json").read_text())
-    config.update(mlx_rope_keys(config))
-    kind = (config.get("rope_scaling") or {}).get("type")
+    keys = mlx_rope_keys(config)
+    kind = (keys.get("rope_scaling") or config.get("rope_scaling") or {}).get("type")
     if kind not in (None, "linear", "default"):
         raise ExportError(
             f"mlx-vlm's phi4_siglip model applies no {kind} rope scaling: the converted model would compute "
@@ -81,6 +79,13 @@ def staged_source(source: Path, staging: Path) -> Path:
             format="mlx",
             hint="build this model as GGUF, which carries its rope scaling",
         )
+    return keys
+
+
+def staged_source(source: Path, staging: Path) -> Path:
+    """The source as mlx-vlm must read it: every file linked, ``config.json`` completed (see the module text)."""
+    config = json.loads((source / "config.json").read_text())
+    config.update(rope_keys(config))
     block = dict(config.get("text_config") or {})
     config["text_config"] = {**block, **{key: config[key] for key in TEXT_KEYS if key in config}}
     staging.mkdir(parents=True)
@@ -96,6 +101,7 @@ def convert_vision(source: SourceModel, job: ExportJob, *, progress: Progress) -
     from hubquant.child import run_child
     from hubquant.vision_env import MLX, ensure_env
 
+    rope_keys(source.config)  # refused here, before the environment is made
     python = ensure_env(progress, MLX)
     bits, _, recipe = MLX_PRECISIONS[job.precision]
     dtype = vision_dtype(job.precision, source.dtype)
